@@ -1,0 +1,13 @@
+"""CGGR: Confidence-Gated Gradient Routing for language-model losses.
+
+Score every token's difficulty from the model's own prediction, keep only a chosen
+fraction of the tokens in the cross-entropy loss, and compute the gradient only there.
+"""
+from . import functional
+from .functional import cggr_cross_entropy, cggr_linear_cross_entropy
+from .info import CGGRInfo
+from .loss import CGGRLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["CGGRInfo", "CGGRLoss", "cggr_cross_entropy", "cggr_linear_cross_entropy", "functional", "__version__"]

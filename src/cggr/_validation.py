@@ -1,0 +1,119 @@
+"""Bad input gets a clear error naming the argument, before any work (SPEC.md §8)."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from .core import LossOptions
+from .scoring import SCORINGS
+from .selection import SELECTIONS
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False, integer=False):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    too_low = value <= lo if lo_open else value < lo
+    too_high = value >= hi if hi_open else value > hi
+    if too_low or too_high:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def make_options(
+    *, scoring, selection, ignore_index, reduction, label_smoothing, z_loss, num_strata,
+    min_tokens_per_sequence, generator, inplace_backward,
+) -> LossOptions:
+    check_choice("scoring", scoring, SCORINGS)
+    check_choice("selection", selection, SELECTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_number("ignore_index", ignore_index, float("-inf"), float("inf"), integer=True)
+    check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    check_number("z_loss", z_loss, 0.0, float("inf"))
+    check_number("num_strata", num_strata, 1, float("inf"), integer=True)
+    check_number("min_tokens_per_sequence", min_tokens_per_sequence, 0, float("inf"), integer=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return LossOptions(
+        scoring=scoring, selection=selection, ignore_index=int(ignore_index), reduction=reduction,
+        label_smoothing=float(label_smoothing), z_loss=float(z_loss), num_strata=int(num_strata),
+        min_tokens_per_sequence=int(min_tokens_per_sequence), generator=generator,
+        inplace_backward=bool(inplace_backward),
+    )
+
+
+def check_ratio(ratio, device: torch.device):
+    """A float in (0, 1], or a 0-d tensor: on ``device`` it is used as is (no sync, no
+    range check); a CPU scalar beside another device is read and checked like a float."""
+    if isinstance(ratio, torch.Tensor):
+        if ratio.dim() != 0:
+            raise ValueError(f"ratio must be a float or a 0-d tensor, got a tensor of shape {tuple(ratio.shape)}")
+        if ratio.is_complex() or ratio.dtype == torch.bool:
+            raise ValueError(f"ratio must be a real number, got dtype {ratio.dtype}")
+        if ratio.device == device:
+            return ratio
+        if ratio.device.type != "cpu":
+            raise ValueError(f"ratio is on {ratio.device} but logits are on {device}")
+        ratio = ratio.item()
+    check_number("ratio", ratio, 0.0, 1.0, lo_open=True)
+    return float(ratio)
+
+
+def check_logits_targets(logits, targets, *, logits_name: str = "logits", check_v: bool = True) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{logits_name} must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{logits_name} must be [..., {'V' if check_v else 'H'}] with at least 2 dims, "
+                         f"got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (the leading shape of "
+                         f"{logits_name}), got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device} but {logits_name} are on {logits.device}")
+    if check_v:
+        check_vocab(logits.shape[-1], logits_name)
+
+
+def check_vocab(vocab_size: int, name: str) -> None:
+    if vocab_size < 2:
+        raise ValueError(f"{name} must have V >= 2 classes, got V={vocab_size}")
+
+
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """The one check that syncs with the device."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {first}")
+
+
+def check_sequence_shape(selection: str, targets: torch.Tensor) -> Optional[tuple]:
+    """``(B, T)`` for sequence_aware (sequences along the last dim), else None."""
+    if selection != "sequence_aware":
+        return None
+    if targets.dim() < 2:
+        raise ValueError("selection='sequence_aware' needs targets with a batch dimension ([B, T]), "
+                         f"got shape {tuple(targets.shape)}")
+    return (targets.numel() // targets.shape[-1], targets.shape[-1])
+
+
+def check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but logits are on {device}")

@@ -1,0 +1,100 @@
+"""From per-row statistics to the loss: scoring, selection, weighting, reduction.
+
+This is the one pipeline every backend shares; a backend only supplies the row
+statistics (forward) and the logits gradient (backward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+
+from .info import CGGRInfo
+from .scoring import RowStats, difficulty, nll, row_loss
+from .selection import select_rows
+
+RatioSpec = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The validated keyword options of SPEC.md §1 that shape the computation."""
+
+    scoring: str = "combined"
+    selection: str = "topk"
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    num_strata: int = 4
+    min_tokens_per_sequence: int = 1
+    generator: Optional[torch.Generator] = None
+    inplace_backward: bool = False
+
+
+class Reduced(NamedTuple):
+    loss: torch.Tensor  # 0-d, or [N] for reduction='none'
+    coef: torch.Tensor  # [N]: d loss / d row loss, 0 on unselected rows
+    info: CGGRInfo  # flat [N] per-row fields
+
+
+def mean_confidence(stats: RowStats, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of p1 over valid rows whose statistics are finite (0-d, on device)."""
+    counted = valid & ~torch.isnan(stats.max_prob)
+    total = torch.where(counted, stats.max_prob, torch.zeros_like(stats.max_prob)).sum()
+    return total / counted.sum().clamp(min=1)
+
+
+def select_and_reduce(
+    stats: RowStats,
+    valid: torch.Tensor,
+    vocab_size: int,
+    ratio: RatioSpec,
+    opts: LossOptions,
+    seq_shape: Optional[tuple] = None,
+) -> Reduced:
+    """Score, select and reduce. All inputs and outputs are device tensors; no host sync.
+
+    ``ratio`` may be a callable taking the mean confidence (0-d) and returning the ratio:
+    that is how the dynamic threshold sees this batch before selecting from it.
+    """
+    zero = torch.zeros_like(stats.lse)
+    scores = torch.where(valid, difficulty(stats, opts.scoring, vocab_size), zero)
+    if callable(ratio):
+        ratio = ratio(mean_confidence(stats, valid))
+    mask, weight = select_rows(
+        scores,
+        valid,
+        ratio,
+        selection=opts.selection,
+        seq_shape=seq_shape,
+        num_strata=opts.num_strata,
+        min_tokens_per_sequence=opts.min_tokens_per_sequence,
+        generator=opts.generator,
+    )
+    losses = torch.where(valid, row_loss(stats, opts.label_smoothing, opts.z_loss, vocab_size), zero)
+    weighted = torch.where(mask, weight * losses, zero)
+    n_valid = valid.sum()
+    n_selected = mask.sum()
+    if opts.reduction == "none":
+        loss, coef = weighted, weight
+    elif opts.reduction == "sum":
+        loss, coef = weighted.sum(), weight
+    else:
+        count = n_valid if opts.selection == "importance" else n_selected
+        denominator = count.clamp(min=1).to(weight.dtype)
+        loss, coef = weighted.sum() / denominator, weight / denominator
+    info = CGGRInfo(
+        mask=mask,
+        weight=weight,
+        difficulty=scores,
+        confidence=torch.where(valid, stats.max_prob, zero),
+        entropy=torch.where(valid, stats.entropy, zero),
+        nll=torch.where(valid, nll(stats), zero),
+        ratio=torch.as_tensor(ratio, dtype=torch.float64, device=scores.device),
+        n_selected=n_selected,
+        n_valid=n_valid,
+        full_loss=losses.sum() / n_valid.clamp(min=1).to(losses.dtype),
+    )
+    return Reduced(loss, coef, info)

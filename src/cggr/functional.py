@@ -1,0 +1,189 @@
+"""Stateless CGGR losses: ``cggr_cross_entropy`` and ``cggr_linear_cross_entropy``."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _validation as check
+from .core import LossOptions, RatioSpec
+from .info import CGGRInfo
+from .ops import get_backend
+from .ops.autograd import cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
+
+__all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy"]
+
+LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
+
+# Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once.
+_LINEAR_CHUNK_ELEMENTS = 1 << 27
+
+
+def cggr_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ratio: Union[float, torch.Tensor] = 1.0,
+    *,
+    scoring: str = "combined",
+    selection: str = "topk",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    num_strata: int = 4,
+    min_tokens_per_sequence: int = 1,
+    generator: Optional[torch.Generator] = None,
+    return_info: bool = False,
+    check_targets: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> LossOrLossAndInfo:
+    """Cross-entropy over the hardest ``ratio`` of the valid tokens (SPEC.md).
+
+    Args:
+        logits: ``[..., V]`` float32/float16/bfloat16/float64 (2-D ``[N, V]`` or 3-D ``[B, T, V]``).
+        targets: the leading shape of ``logits``, int64 or int32; ``ignore_index`` marks invalid rows.
+        ratio: fraction of valid rows that carry loss, a float in (0, 1] or a 0-d tensor.
+
+    Returns:
+        The loss (0-d, or ``targets``-shaped for ``reduction='none'``) in the logits' dtype for
+        float32/float64 and float32 otherwise; with ``return_info=True``, ``(loss, CGGRInfo)``.
+        The gradient is exactly 0 on every row that was not selected.
+    """
+    opts = _options(locals())
+    check.check_logits_targets(logits, targets)
+    ratio = check.check_ratio(ratio, logits.device)
+    return run_cross_entropy(logits, targets, ratio, opts, backend, check_targets, return_info)
+
+
+def cggr_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ratio: Union[float, torch.Tensor] = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    scoring: str = "combined",
+    selection: str = "topk",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    num_strata: int = 4,
+    min_tokens_per_sequence: int = 1,
+    generator: Optional[torch.Generator] = None,
+    return_info: bool = False,
+    check_targets: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    fp32_grad_accumulation: bool = False,
+) -> LossOrLossAndInfo:
+    """``cggr_cross_entropy(hidden @ weight.T + bias, targets, ratio, ...)`` without ever
+    holding the whole ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float; ``weight``: ``[V, H]`` (an ``nn.Linear`` or tied embedding
+            weight) of the same dtype; ``bias``: ``[V]`` or None.
+        chunk_size: rows of logits computed at once (bounds peak memory); default about
+            2**27 / V rows.
+        fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
+
+    The backward recomputes logits only for the selected rows, so its matmuls cost in
+    proportion to the tokens kept. ``inplace_backward`` is accepted and has no effect here:
+    the recomputed logits are always overwritten by their gradient.
+    """
+    opts = _options(locals())
+    check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be [V, H] with H={hidden.shape[-1]} (hidden's last dim), got {got}")
+    check.check_vocab(weight.shape[0], "weight")
+    _check_same(weight, hidden, "weight")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be [V] with V={weight.shape[0]}, got {got}")
+        _check_same(bias, hidden, "bias")
+    if chunk_size is not None:
+        check.check_number("chunk_size", chunk_size, 1, float("inf"), integer=True)
+    ratio = check.check_ratio(ratio, hidden.device)
+    return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
+                                    return_info, chunk_size, fp32_grad_accumulation)
+
+
+def _options(arguments: dict) -> LossOptions:
+    names = ("scoring", "selection", "ignore_index", "reduction", "label_smoothing", "z_loss", "num_strata",
+             "min_tokens_per_sequence", "generator", "inplace_backward")
+    check.check_choice("backend", arguments["backend"], check.BACKENDS)
+    return check.make_options(**{name: arguments[name] for name in names})
+
+
+def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:
+    if tensor.device != hidden.device:
+        raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if tensor.dtype != hidden.dtype:
+        raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
+
+
+def _prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: LossOptions, backend: str,
+             check_targets: bool):
+    """Checks that need the tensors; returns (backend module, seq_shape)."""
+    seq_shape = check.check_sequence_shape(opts.selection, targets)
+    check.check_generator(opts.generator, rows.device)
+    impl = get_backend(backend, rows.device)
+    if check_targets:
+        check.check_target_range(targets, vocab_size, opts.ignore_index)
+    return impl, seq_shape
+
+
+def _as_rows3d(logits: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` -> ``[B, T, V]`` with unit stride along V and ``.view(-1, V)`` possible
+    whenever the B and T strides allow; a view wherever possible."""
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    elif logits.dim() > 3:
+        logits = logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _finish(loss: torch.Tensor, info: CGGRInfo, shape, opts: LossOptions, return_info: bool):
+    if opts.reduction == "none":
+        loss = loss.reshape(shape)
+    return (loss, info.reshape_rows(shape)) if return_info else loss
+
+
+def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, backend: str, check_targets: bool,
+                      return_info: bool) -> LossOrLossAndInfo:
+    """Validated inputs -> loss; ``ratio`` may also be a callable of the mean confidence."""
+    impl, seq_shape = _prepare(logits, targets, logits.shape[-1], opts, backend, check_targets)
+    loss, info = cggr_cross_entropy_apply(_as_rows3d(logits), targets.reshape(-1), impl, ratio, opts, seq_shape)
+    return _finish(loss, info, targets.shape, opts, return_info)
+
+
+def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, opts: LossOptions, backend: str,
+                             check_targets: bool, return_info: bool, chunk_size: Optional[int] = None,
+                             fp32_grad_accumulation: bool = False,
+                             ratio_bound: Optional[float] = None) -> LossOrLossAndInfo:
+    vocab_size = weight.shape[0]
+    impl, seq_shape = _prepare(hidden, targets, vocab_size, opts, backend, check_targets)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n_rows = hidden2d.shape[0]
+    chunk_rows = chunk_size or max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
+    bound = ratio if isinstance(ratio, float) else ratio_bound
+    loss, info = cggr_linear_cross_entropy_apply(
+        hidden2d, weight, bias, targets.reshape(-1), impl, ratio, opts, seq_shape, min(chunk_rows, max(n_rows, 1)),
+        max_selected_rows(bound, opts, n_rows, seq_shape), fp32_grad_accumulation,
+    )
+    return _finish(loss, info, targets.shape, opts, return_info)
+
+
+def max_selected_rows(ratio_bound: Optional[float], opts: LossOptions, n_rows: int, seq_shape) -> int:
+    """A host-side upper bound on how many rows a selection can keep (no device sync)."""
+    if ratio_bound is None or opts.selection == "importance":  # importance keeps a random count
+        return n_rows
+    bound = max(1, math.ceil(ratio_bound * n_rows - 1e-6))
+    if seq_shape is not None:
+        bound = max(bound, seq_shape[0] * opts.min_tokens_per_sequence)
+    return min(n_rows, bound)

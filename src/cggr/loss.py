@@ -1,0 +1,177 @@
+"""``CGGRLoss``: the stateful drop-in loss (curriculum, dynamic threshold, metrics)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .core import select_and_reduce
+from .functional import run_cross_entropy
+from .info import CGGRInfo
+from .ops import get_backend
+from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
+
+
+class CGGRLoss(nn.Module):
+    """Confidence-gated cross-entropy with a curriculum over the kept-token ratio.
+
+    ``forward(logits [..., V], targets [...])`` returns the loss (see
+    :func:`cggr.functional.cggr_cross_entropy`) and never advances the step; call
+    :meth:`step` once per optimizer step. The step count is part of ``state_dict()``.
+
+    Args:
+        min_tokens_ratio: ratio reached at the end of the warm-up, in (0, 1].
+        warmup_steps: steps from keeping every token to ``min_tokens_ratio`` (0: at once).
+        schedule: ``'linear'`` or ``'cosine'``.
+        dynamic_threshold: scale the ratio by the batch's mean confidence (SPEC.md §7).
+        threshold_sensitivity: in [0, 1], how strongly confidence moves the ratio.
+        base_loss: optional per-token loss ``f(logits[k, V], targets[k]) -> [k]`` applied to the
+            selected rows only (e.g. ``nn.CrossEntropyLoss(reduction='none')``); syncs once for k.
+        **options: any keyword option of ``cggr_cross_entropy`` (scoring, selection, ...).
+    """
+
+    def __init__(
+        self,
+        min_tokens_ratio: float = 0.25,
+        warmup_steps: int = 1000,
+        schedule: str = "linear",
+        dynamic_threshold: bool = False,
+        threshold_sensitivity: float = 0.5,
+        base_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        *,
+        scoring: str = "combined",
+        selection: str = "topk",
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        num_strata: int = 4,
+        min_tokens_per_sequence: int = 1,
+        generator: Optional[torch.Generator] = None,
+        return_info: bool = False,
+        check_targets: bool = True,
+        inplace_backward: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check.check_number("min_tokens_ratio", min_tokens_ratio, 0.0, 1.0, lo_open=True)
+        check.check_number("warmup_steps", warmup_steps, 0, float("inf"), integer=True)
+        check.check_choice("schedule", schedule, SCHEDULES)
+        check.check_number("threshold_sensitivity", threshold_sensitivity, 0.0, 1.0)
+        check.check_choice("backend", backend, check.BACKENDS)
+        if base_loss is not None and not callable(base_loss):
+            raise ValueError(f"base_loss must be callable or None, got {type(base_loss).__name__}")
+        self.opts = check.make_options(
+            scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
+            inplace_backward=inplace_backward,
+        )
+        self.min_tokens_ratio = float(min_tokens_ratio)
+        self.warmup_steps = int(warmup_steps)
+        self.schedule = schedule
+        self.dynamic_threshold = bool(dynamic_threshold)
+        self.threshold_sensitivity = float(threshold_sensitivity)
+        self.base_loss = base_loss
+        self.return_info = return_info
+        self.check_targets = check_targets
+        self.backend = backend
+        self.step_count = 0
+        self._last: Optional[Dict[str, object]] = None
+
+    # -- schedule ---------------------------------------------------------------------------
+    def base_ratio(self) -> float:
+        """The curriculum's ratio at the current step (before the dynamic threshold)."""
+        return curriculum_ratio(self.step_count, self.warmup_steps, self.min_tokens_ratio, self.schedule)
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step."""
+        self.step_count += 1
+
+    def get_extra_state(self):
+        return {"step_count": self.step_count}
+
+    def set_extra_state(self, state) -> None:
+        self.step_count = int(state["step_count"])
+
+    # -- forward ----------------------------------------------------------------------------
+    def _ratio_spec(self):
+        """The curriculum ratio, or with the dynamic threshold a function of the batch's confidence."""
+        base = self.base_ratio()
+        if not self.dynamic_threshold:
+            return base
+        sensitivity = self.threshold_sensitivity
+        return lambda confidence: dynamic_ratio(base, confidence, sensitivity)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
+        check.check_logits_targets(logits, targets)
+        ratio = self._ratio_spec()
+        if self.base_loss is None:
+            loss, info = run_cross_entropy(logits, targets, ratio, self.opts, self.backend, self.check_targets,
+                                           return_info=True)
+        else:
+            loss, info = self._forward_base_loss(logits, targets, ratio)
+        self._last = {"loss": loss.detach(), "info": info, "tokens_total": targets.numel()}
+        return (loss, info) if self.return_info else loss
+
+    def _forward_base_loss(self, logits, targets, ratio):
+        """Fused scoring and selection, then ``base_loss`` on the selected rows (one sync, for k)."""
+        opts = self.opts
+        seq_shape = check.check_sequence_shape(opts.selection, targets)
+        check.check_generator(opts.generator, logits.device)
+        if self.check_targets:
+            check.check_target_range(targets, logits.shape[-1], opts.ignore_index)
+        rows = logits.reshape(-1, logits.shape[-1])
+        flat_targets = targets.reshape(-1)
+        valid = flat_targets != opts.ignore_index
+        with torch.no_grad():
+            backend = get_backend(self.backend, logits.device)
+            stats = backend.row_stats(rows.detach()[None], flat_targets, valid)
+            reduced = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape)
+        info = reduced.info
+        index = info.mask.nonzero().squeeze(1)
+        chosen = self.base_loss(rows.index_select(0, index), flat_targets.index_select(0, index))
+        chosen = chosen.reshape(-1) * info.weight.index_select(0, index).to(chosen.dtype)
+        if opts.reduction == "none":
+            loss = torch.zeros(rows.shape[0], dtype=chosen.dtype, device=rows.device).index_put((index,), chosen)
+            loss = loss.reshape(targets.shape)
+        elif opts.reduction == "sum":
+            loss = chosen.sum()
+        else:
+            count = info.n_valid if opts.selection == "importance" else info.n_selected
+            loss = chosen.sum() / count.clamp(min=1).to(chosen.dtype)
+        return loss, info.reshape_rows(targets.shape)
+
+    # -- metrics ----------------------------------------------------------------------------
+    def get_metrics(self) -> Dict[str, Union[int, float, str]]:
+        """Plain Python numbers for the last forward (this is the one place that syncs)."""
+        metrics: Dict[str, Union[int, float, str]] = {"step": self.step_count, "scoring": self.opts.scoring,
+                                                     "selection": self.opts.selection}
+        if self._last is None:
+            metrics.update(token_ratio=self.base_ratio(), tokens_selected=0, tokens_valid=0, tokens_total=0,
+                           avg_confidence=0.0, avg_entropy=0.0, avg_difficulty=0.0, loss_selected=0.0,
+                           loss_full=0.0)
+            return metrics
+        info: CGGRInfo = self._last["info"]
+        n_valid = int(info.n_valid.item())
+        denominator = max(n_valid, 1)
+        loss = self._last["loss"]
+        metrics.update(
+            token_ratio=float(info.ratio.item()),
+            tokens_selected=int(info.n_selected.item()),
+            tokens_valid=n_valid,
+            tokens_total=int(self._last["tokens_total"]),
+            avg_confidence=float(info.confidence.sum().item()) / denominator,
+            avg_entropy=float(info.entropy.sum().item()) / denominator,
+            avg_difficulty=float(info.difficulty.sum().item()) / denominator,
+            loss_selected=float(loss.float().sum().item()),  # reduction='none': the sum of the rows
+            loss_full=float(info.full_loss.item()),
+        )
+        return metrics
+
+    def extra_repr(self) -> str:
+        return (f"min_tokens_ratio={self.min_tokens_ratio}, warmup_steps={self.warmup_steps}, "
+                f"schedule={self.schedule!r}, scoring={self.opts.scoring!r}, selection={self.opts.selection!r}, "
+                f"dynamic_threshold={self.dynamic_threshold}, step={self.step_count}")

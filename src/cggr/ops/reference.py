@@ -1,0 +1,103 @@
+"""Pure-PyTorch backend: the executable form of SPEC.md §2 and the §5 gradient.
+
+Runs on any device. Rows are processed in chunks so that no float32 copy of the
+whole ``[N, V]`` logits is alive at once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..scoring import RowStats
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(n_rows: int, vocab_size: int):
+    step = max(1, _CHUNK_ELEMENTS // vocab_size)
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _safe_targets(targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, targets, torch.zeros_like(targets)).long()
+
+
+def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``x`` [C, V] in the compute dtype -> ``[C, 7]`` columns in RowStats order."""
+    lse = torch.logsumexp(x, dim=1)
+    log_p = x - lse[:, None]
+    p = torch.exp(log_p)
+    # -inf logits have p == 0 and contribute nothing (0 * -inf would be NaN).
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=1)
+    top2 = torch.topk(x, 2, dim=1).values
+    columns = torch.stack(
+        [
+            lse,
+            x.gather(1, target[:, None]).squeeze(1),
+            entropy,
+            torch.exp(top2[:, 0] - lse),
+            torch.exp(top2[:, 1] - lse),
+            p.square().sum(dim=1),
+            x.sum(dim=1),
+        ],
+        dim=1,
+    )
+    non_finite = (torch.isnan(x) | (x == float("inf"))).any(dim=1)
+    return torch.where(non_finite[:, None], torch.full_like(columns, float("nan")), columns)
+
+
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> RowStats:
+    """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid ``[B*T]``.
+    Returns float32 (float64 for float64 logits), 0 on invalid rows."""
+    vocab_size = logits.shape[-1]
+    logits = logits.reshape(-1, vocab_size)
+    n_rows = logits.shape[0]
+    dtype = compute_dtype(logits.dtype)
+    safe = _safe_targets(targets, valid)
+    columns = torch.empty(n_rows, 7, dtype=dtype, device=logits.device)
+    for rows in _row_chunks(n_rows, vocab_size):
+        columns[rows] = _chunk_stats(logits[rows].to(dtype), safe[rows])
+    columns = torch.where(valid[:, None], columns, torch.zeros_like(columns))
+    return RowStats.from_columns(columns)
+
+
+def logits_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    mask: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """d loss / d logits (SPEC.md §5), exactly 0 on rows where ``mask`` is False.
+
+    logits ``[B, T, V]``; ``coef`` [B*T] holds upstream grad x reduction scale x row weight.
+    ``out`` (may be ``logits`` itself, for the in-place backward) receives the result.
+    """
+    shape, vocab_size = logits.shape, logits.shape[-1]
+    logits = logits.reshape(-1, vocab_size)
+    n_rows = logits.shape[0]
+    dtype = compute_dtype(logits.dtype)
+    safe = _safe_targets(targets, mask)
+    # Write straight into ``out`` when its rows can be viewed flat; else copy at the end.
+    flat_out = out is not None and out.reshape(-1, vocab_size).data_ptr() == out.data_ptr() and out.is_contiguous()
+    result = out.view(-1, vocab_size) if flat_out else torch.empty_like(logits)
+    for rows in _row_chunks(n_rows, vocab_size):
+        x = logits[rows].to(dtype)
+        lse_c = lse[rows].to(dtype)[:, None]
+        p = torch.exp(x - lse_c)
+        grad = p * (1.0 + 2.0 * z_loss * lse_c) - label_smoothing / vocab_size
+        grad.scatter_add_(1, safe[rows, None], grad.new_full((x.shape[0], 1), label_smoothing - 1.0))
+        grad = grad * coef[rows].to(dtype)[:, None]
+        result[rows] = torch.where(mask[rows, None], grad, torch.zeros_like(grad)).to(result.dtype)
+    if out is not None and not flat_out:
+        return out.copy_(result.view(shape))
+    return result.view(shape)

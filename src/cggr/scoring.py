@@ -1,0 +1,70 @@
+"""Per-row statistics and the formulas built on them (SPEC.md §2, §3, §5).
+
+Every backend produces a :class:`RowStats`; everything after that (difficulty
+scores, per-row loss, selection, reduction) is computed here, once, in torch.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SCORINGS = ("entropy", "margin", "loss", "combined", "gradnorm")
+
+
+class RowStats(NamedTuple):
+    """One value per row, float32 (float64 for float64 logits), 0 on invalid rows.
+
+    A row holding NaN or +inf has every field NaN.
+    """
+
+    lse: torch.Tensor  # logsumexp(x)
+    target_logit: torch.Tensor  # x[y]
+    entropy: torch.Tensor  # H = -sum p log p, nats
+    max_prob: torch.Tensor  # p1
+    second_prob: torch.Tensor  # p2 (== p1 when the maximum is shared)
+    sum_sq_prob: torch.Tensor  # sum p^2
+    sum_logits: torch.Tensor  # sum x
+
+    @classmethod
+    def from_columns(cls, columns: torch.Tensor) -> "RowStats":
+        """Split an ``[N, 7]`` tensor (fields in declaration order) into a RowStats."""
+        return cls(*columns.unbind(dim=1))
+
+
+def nll(stats: RowStats) -> torch.Tensor:
+    return stats.lse - stats.target_logit
+
+
+def target_prob(stats: RowStats) -> torch.Tensor:
+    return torch.exp(stats.target_logit - stats.lse)
+
+
+def difficulty(stats: RowStats, scoring: str, vocab_size: int) -> torch.Tensor:
+    """Difficulty score in [0, 1], higher = harder (SPEC.md §3). NaN rows stay NaN."""
+    if scoring == "gradnorm":
+        sq = stats.sum_sq_prob - 2.0 * target_prob(stats) + 1.0
+        return (torch.sqrt(sq.clamp(min=0.0)) / math.sqrt(2.0)).clamp(0.0, 1.0)
+    entropy_score = (stats.entropy / math.log(vocab_size) - stats.max_prob + 1.0) / 2.0
+    margin_score = 1.0 - (stats.max_prob - stats.second_prob)
+    loss_score = 1.0 - target_prob(stats)
+    by_name = {"entropy": entropy_score, "margin": margin_score, "loss": loss_score}
+    if scoring == "combined":
+        score = (entropy_score + margin_score + loss_score) / 3.0
+    else:
+        score = by_name[scoring]
+    return score.clamp(0.0, 1.0)
+
+
+def row_loss(stats: RowStats, label_smoothing: float, z_loss: float, vocab_size: int) -> torch.Tensor:
+    """Per-row loss l_i = (1-eps) nll + eps (lse - sum x / V) + z lse^2 (SPEC.md §5)."""
+    loss = nll(stats)
+    # Terms are added only when their factor is non-zero: 0 * inf would turn a legal
+    # -inf logit into a NaN loss.
+    if label_smoothing:
+        smooth = stats.lse - stats.sum_logits / vocab_size
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if z_loss:
+        loss = loss + z_loss * stats.lse.square()
+    return loss
