@@ -1,0 +1,109 @@
+"""Triton backend: launches the kernels of :mod:`triton_kernels` as ``torch.library``
+custom ops, so ``torch.compile`` sees them as opaque nodes (no graph break).
+
+Imported lazily (on first use of a CUDA tensor or ``backend='triton'``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..scoring import RowStats
+from . import triton_interpreting
+from .triton_kernels import logits_grad_kernel, row_stats_kernel
+
+_N_STATS = len(RowStats._fields)
+
+
+def launch_config(vocab_size: int) -> dict:
+    """Block size along V and warps per program. The interpreter costs per loop iteration,
+    so it gets one large block; ``CGGR_BLOCK_V`` / ``CGGR_NUM_WARPS`` override (tuning only)."""
+    if triton_interpreting():
+        return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), 1 << 16)}
+    block = int(os.environ.get("CGGR_BLOCK_V", 0)) or min(triton.next_power_of_2(vocab_size), 4096)
+    warps = int(os.environ.get("CGGR_NUM_WARPS", 0)) or (8 if block >= 2048 else 4)
+    return {"BLOCK_V": block, "num_warps": warps}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return triton.language.float64 if dtype == torch.float64 else triton.language.float32
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _device_guard(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else torch.device(tensor.device)
+
+
+@torch.library.custom_op("cggr::row_stats", mutates_args=())
+def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order)."""
+    batch, seq_len, vocab_size = logits.shape
+    n_rows = batch * seq_len
+    stats = torch.empty(n_rows, _N_STATS, dtype=_stats_dtype(logits.dtype), device=logits.device)
+    if n_rows == 0:
+        return stats
+    with _device_guard(logits):
+        row_stats_kernel[(n_rows,)](
+            logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
+            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size),
+        )
+    return stats
+
+
+@row_stats_op.register_fake
+def _(logits, targets, valid):
+    return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=_stats_dtype(logits.dtype))
+
+
+def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss):
+    batch, seq_len, vocab_size = logits.shape
+    if batch * seq_len == 0:
+        return
+    # Filled on the device (no host-to-device copy), so CUDA-graph capture works.
+    params = torch.empty(2, dtype=lse.dtype, device=logits.device)
+    params[0], params[1] = label_smoothing, z_loss
+    with _device_guard(logits):
+        logits_grad_kernel[(batch * seq_len,)](
+            logits, grad, targets, lse, coef, mask, seq_len, logits.stride(0), logits.stride(1),
+            grad.stride(0), grad.stride(1), vocab_size, params,
+            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size),
+        )
+
+
+@torch.library.custom_op("cggr::logits_grad", mutates_args=())
+def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                   mask: torch.Tensor, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss)
+    return grad
+
+
+@logits_grad_op.register_fake
+def _(logits, targets, lse, coef, mask, label_smoothing, z_loss):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("cggr::logits_grad_", mutates_args=("logits",))
+def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                           mask: torch.Tensor, label_smoothing: float, z_loss: float) -> None:
+    """Like ``logits_grad`` but overwrites ``logits`` (each row is read before it is written)."""
+    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
+
+
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> RowStats:
+    return RowStats.from_columns(row_stats_op(logits, targets, valid))
+
+
+def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=None):
+    coef = coef.to(lse.dtype).contiguous()
+    if out is None:
+        return logits_grad_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
+    if out is not logits:
+        raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
+    logits_grad_inplace_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
+    return logits

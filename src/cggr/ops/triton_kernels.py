@@ -1,0 +1,112 @@
+"""Triton kernels: one online pass per row for the statistics, and a gradient pass that
+reads only the selected rows. One program per row; rows are addressed as ``[B, T, V]``
+with arbitrary B and T strides and unit stride along V. Offsets are int64.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_stats_kernel(
+    logits_ptr, targets_ptr, valid_ptr, stats_ptr,
+    seq_len, stride_b, stride_t, vocab_size,
+    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows.
+
+    The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once
+    at the end. ``t`` accumulates ``e * (x - m)`` so that the entropy
+    ``log S - t / S`` never subtracts two large numbers.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = tl.load(valid_ptr + row) != 0
+    n_cols = tl.where(valid, vocab_size, 0)
+    cols = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+
+    m = tl.max(tl.full((BLOCK_V,), neg_inf, ACC_DTYPE), 0)
+    s_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    t_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    q_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    x_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    top1 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
+    top2 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
+    bad = tl.zeros((BLOCK_V,), tl.int32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        in_row = offs < vocab_size
+        x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
+        bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        started = m != neg_inf
+        alpha = tl.where(started, tl.exp(m - m_new), 0.0)
+        shift = tl.where(started, m - m_new, 0.0)
+        finite = x != neg_inf
+        e = tl.where(finite, tl.exp(x - m_new), 0.0)
+        t_acc = alpha * (t_acc + shift * s_acc) + tl.where(finite, e * (x - m_new), 0.0)
+        s_acc = alpha * s_acc + e
+        q_acc = alpha * alpha * q_acc + e * e
+        x_acc += tl.where(in_row, x, 0.0)
+        top2 = tl.maximum(top2, tl.minimum(top1, x))
+        top1 = tl.maximum(top1, x)
+        m = m_new
+
+    total = tl.sum(s_acc, 0)
+    lse = m + tl.log(total)
+    entropy = tl.log(total) - tl.sum(t_acc, 0) / total
+    sum_sq = tl.sum(q_acc, 0) / (total * total)
+    best = tl.max(top1, 0)
+    n_best = tl.sum((top1 == best).to(tl.int32), 0)
+    runner_up = tl.maximum(tl.max(top2, 0), tl.max(tl.where(top1 == best, neg_inf, top1), 0))
+    second = tl.where(n_best > 1, best, runner_up)
+    safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
+    target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
+
+    keep = valid & (tl.sum(bad, 0) == 0)  # NaN / +inf rows: every statistic NaN
+    out = stats_ptr + row * 7
+    _store_stat(out + 0, lse, keep, valid)
+    _store_stat(out + 1, target_logit, keep, valid)
+    _store_stat(out + 2, entropy, keep, valid)
+    _store_stat(out + 3, tl.exp(best - lse), keep, valid)
+    _store_stat(out + 4, tl.exp(second - lse), keep, valid)
+    _store_stat(out + 5, sum_sq, keep, valid)
+    _store_stat(out + 6, tl.sum(x_acc, 0), keep, valid)
+
+
+@triton.jit
+def _store_stat(ptr, value, keep, valid):
+    tl.store(ptr, tl.where(keep, value, tl.where(valid, float("nan"), 0.0)))
+
+
+@triton.jit
+def logits_grad_kernel(
+    logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr,
+    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab_size, params_ptr,
+    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """grad[row] = coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected rows;
+    unselected rows are written with zeros and their logits are never read.
+    ``params_ptr`` holds (eps, z) in the accumulation dtype (a float argument would be fp32)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq_len
+    t = row % seq_len
+    base = b * stride_b + t * stride_t
+    grad_base = b * grad_stride_b + t * grad_stride_t
+    selected = tl.load(mask_ptr + row) != 0
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+    coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
+    label_smoothing = tl.load(params_ptr).to(ACC_DTYPE)
+    z_loss = tl.load(params_ptr + 1).to(ACC_DTYPE)
+    p_scale = 1.0 + 2.0 * z_loss * lse
+    smooth = label_smoothing / vocab_size
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab_size, BLOCK_V):
+        offs = start + cols
+        in_row = offs < vocab_size
+        x = tl.load(logits_ptr + base + offs, mask=in_row & selected, other=0.0).to(ACC_DTYPE)
+        g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
+        g = tl.where(selected, coef * g, 0.0)
+        tl.store(grad_ptr + grad_base + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
