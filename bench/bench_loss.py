@@ -1,0 +1,179 @@
+"""Forward+backward time and peak extra memory of language-model losses on one CUDA GPU.
+
+    python bench/bench_loss.py [--out bench/results/loss_<gpu>.json] [--quick]
+
+Compares cggr's Triton path (ratio 0.25 for each scoring, ratio 1.0, in-place backward) with
+F.cross_entropy (eager and torch.compile), Liger-Kernel's cross entropy and cggr 0.5.0's
+CGGRLoss when those are importable, plus the GPU's copy bandwidth and the scoring pass alone.
+Times are medians from triton.testing.do_bench; "extra memory" is the peak allocated during one
+forward+backward minus what was allocated before it (inputs), so it includes the logits gradient.
+"""
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from cggr.functional import cggr_cross_entropy  # noqa: E402
+from cggr.ops import triton_backend  # noqa: E402
+
+SHAPES = [(8192, 128256), (8192, 32000), (8192, 151936), (4096, 128256), (32768, 128256)]
+SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm")
+
+
+def copy_bandwidth_gbs(n_bytes=4 << 30):
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * n_bytes / ms / 1e6
+
+
+def measure(loss_fn, logits, targets):
+    """(median ms, peak extra bytes) of loss_fn(x, targets).backward() with x a leaf."""
+    x = logits.clone().requires_grad_(True)
+
+    def run():
+        loss_fn(x, targets).backward()
+
+    run()
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    x.grad = None
+    ms = do_bench(run, warmup=25, rep=200, grad_to_none=[x], return_mode="median")
+    del x
+    torch.cuda.empty_cache()
+    return ms, peak
+
+
+def our_methods(full):
+    methods = {f"cggr r=0.25 {s}": (lambda s: lambda x, t: cggr_cross_entropy(x, t, 0.25, scoring=s,
+                                                                               check_targets=False))(s)
+               for s in (SCORINGS if full else SCORINGS[:1])}
+    methods["cggr r=0.25 combined inplace"] = lambda x, t: cggr_cross_entropy(
+        x, t, 0.25, check_targets=False, inplace_backward=True)
+    methods["cggr r=1.0 combined"] = lambda x, t: cggr_cross_entropy(x, t, 1.0, check_targets=False)
+    return methods
+
+
+def baseline_methods():
+    methods = {"F.cross_entropy": lambda x, t: F.cross_entropy(x, t)}
+    compiled = torch.compile(lambda x, t: F.cross_entropy(x, t))
+    methods["torch.compile(F.cross_entropy)"] = compiled
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        methods["liger CE"] = LigerCrossEntropyLoss()
+    except ImportError as error:
+        print("liger-kernel not available:", error)
+    return methods
+
+
+def cggr05_in_subprocess(n, v, path):
+    """cggr 0.5.0's top-level module is also called ``cggr``: time it in its own process."""
+    code = "\n".join([
+        f"import sys, json, torch; sys.path.insert(0, {path!r})",
+        "from triton.testing import do_bench",
+        "from cggr import CGGRLoss",
+        inspect.getsource(measure),
+        "crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0).cuda()",
+        f"x = torch.randn({n}, {v}, device='cuda', dtype=torch.bfloat16)",
+        f"t = torch.randint(0, {v}, ({n},), device='cuda')",
+        "print('RESULT', json.dumps(measure(lambda a, y: crit(a, y), x, t)))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=""))
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    print("cggr 0.5.0 failed:", out.stderr[-2000:])
+    return None
+
+
+def versions():
+    result = {"torch": torch.__version__}
+    import triton
+    result["triton"] = triton.__version__
+    for name, module in (("liger-kernel", "liger_kernel"),):
+        try:
+            from importlib.metadata import version
+            result[name] = version(name)
+        except Exception:
+            result[name] = None
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="main shape only")
+    parser.add_argument("--cggr05", default=os.environ.get("CGGR05_PATH"), help="folder holding cggr 0.5.0")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth_gbs()
+    print(f"{device_name}: copy bandwidth {bandwidth:.0f} GB/s")
+    rows = []
+    baselines = baseline_methods()
+    for index, (n, v) in enumerate(SHAPES[:1] if args.quick else SHAPES):
+        main_shape = index == 0
+        logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+        targets = torch.randint(0, v, (n,), device="cuda")
+        valid = torch.ones(n, dtype=torch.bool, device="cuda")
+        ms = do_bench(lambda: triton_backend.row_stats_op(logits[None], targets, valid), warmup=25, rep=200,
+                      return_mode="median")
+        rows.append(dict(N=n, V=v, method="scoring pass only", ms=ms, extra_bytes=None,
+                         pct_copy_bw=100 * (n * v * 2 / ms / 1e6) / bandwidth))
+        methods = dict(our_methods(main_shape), **baselines)
+        for name, fn in methods.items():
+            try:
+                t, peak = measure(fn, logits, targets)
+            except Exception as error:  # report, keep measuring the rest
+                print(f"{name} at N={n} V={v} failed: {error!r}")
+                continue
+            rows.append(dict(N=n, V=v, method=name, ms=t, extra_bytes=peak))
+        if args.cggr05:
+            result = cggr05_in_subprocess(n, v, args.cggr05)
+            if result:
+                rows.append(dict(N=n, V=v, method="cggr 0.5.0 CGGRLoss(0.25)", ms=result[0], extra_bytes=result[1]))
+        for ratio in (0.25, 1.0):
+            floor = (2 + ratio) * n * v * 2 / (bandwidth * 1e6)
+            for row in rows:
+                if row["N"] == n and row["V"] == v and row["method"].startswith(f"cggr r={ratio}"):
+                    row["floor_ms"] = floor
+                    row["pct_of_floor"] = 100 * floor / row["ms"]
+        del logits
+        torch.cuda.empty_cache()
+
+    print(f"\n{'N':>6} {'V':>7}  {'method':<34} {'ms':>8} {'extra GB':>9}  note")
+    for row in rows:
+        extra = "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:9.2f}"
+        note = ""
+        if "pct_of_floor" in row:
+            note = f"{row['pct_of_floor']:.0f}% of byte floor"
+        if "pct_copy_bw" in row:
+            note = f"{row['pct_copy_bw']:.0f}% of copy bandwidth"
+        print(f"{row['N']:>6} {row['V']:>7}  {row['method']:<34} {row['ms']:8.3f} {extra:>9}  {note}")
+    result = dict(device=device_name, copy_bandwidth_gbs=bandwidth, dtype="bfloat16", versions=versions(),
+                  command=" ".join(["python"] + sys.argv), date=time.strftime("%Y-%m-%d"), rows=rows)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"loss_{device_name.replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""GPU checks of the Triton kernels against the reference backend (skipped without CUDA).
+
+Run on an H100/H200: ``python -m pytest tests/test_gpu.py -q``.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cggr import CGGRLoss, cggr_linear_cross_entropy
+from cggr.functional import cggr_cross_entropy
+from cggr.scoring import SCORINGS
+from cggr.selection import SELECTIONS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def _pair(logits, targets, ratio, **kw):
+    """Loss, grad and info from the Triton and the torch backend on the same GPU tensors."""
+    out = []
+    for backend in ("triton", "torch"):
+        x = logits.detach().clone().requires_grad_(True)
+        gen = torch.Generator(device="cuda").manual_seed(0) if "generator" in kw else None
+        options = dict(kw, generator=gen) if gen is not None else kw
+        loss, info = cggr_cross_entropy(x, targets, ratio, backend=backend, return_info=True, **options)
+        loss.float().sum().backward()
+        out.append((loss.detach(), x.grad, info))
+    return out
+
+
+def _close(a, b, tol):
+    a, b = a.double(), b.double()
+    scale = b.abs().max().clamp(min=1.0)
+    return ((a - b).abs().max() / scale).item() <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [32000, 50257, 128256, 151936, 262144])
+def test_large_vocab_matches_reference(dtype, vocab):
+    torch.manual_seed(vocab)
+    logits = (torch.randn(48, vocab, device="cuda") * 4).to(dtype)
+    targets = torch.randint(0, vocab, (48,), device="cuda")
+    targets[::7] = -100
+    (lt, gt, it), (lr, gr, ir) = _pair(logits, targets, 0.25)
+    assert torch.equal(it.mask, ir.mask)
+    assert _close(lt, lr, TOL[dtype])
+    assert _close(gt, gr, TOL[dtype])
+    assert (gt[~it.mask] == 0).all()
+    for name in ("difficulty", "confidence", "entropy", "nll"):
+        assert _close(getattr(it, name), getattr(ir, name), 1e-3), name
+
+
+def test_extreme_logits_and_neg_inf():
+    torch.manual_seed(1)
+    vocab = 50257
+    logits = (torch.randn(64, vocab, device="cuda") * 1e4).clamp(-1e4, 1e4)
+    logits[:, ::3] = float("-inf")
+    targets = torch.randint(0, vocab, (64,), device="cuda")
+    targets = targets - targets % 3 + 1  # never a -inf target
+    (lt, gt, it), (lr, gr, ir) = _pair(logits, targets.clamp(max=vocab - 1), 0.5, label_smoothing=0.0)
+    assert torch.isfinite(lt) and torch.isfinite(gt).all()
+    assert _close(lt, lr, 1e-5) and _close(gt, gr, 1e-5)
+
+
+def test_nan_row_is_selected_and_gives_nan():
+    logits = torch.randn(32, 1000, device="cuda")
+    logits[5, 17] = float("nan")
+    targets = torch.randint(0, 1000, (32,), device="cuda")
+    loss, info = cggr_cross_entropy(logits, targets, 0.1, backend="triton", return_info=True)
+    assert bool(info.mask[5]) and torch.isnan(loss)
+
+
+def test_more_than_2_pow_31_elements():
+    vocab, rows = 131072, 16500  # 2.16e9 elements > 2**31
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    x = logits.requires_grad_(True)
+    loss, info = cggr_cross_entropy(x, targets, 0.25, backend="triton", return_info=True)
+    loss.backward()
+    tail = slice(rows - 64, rows)  # rows whose offsets exceed 2**31
+    ref = F.cross_entropy(logits[tail].float(), targets[tail], reduction="none")
+    assert _close(info.nll[tail], ref, 1e-3)
+    sel = info.mask[tail]
+    expected = torch.softmax(logits[tail].float(), -1)
+    expected[torch.arange(64), targets[tail]] -= 1
+    expected = expected / info.n_selected.float()
+    assert _close(x.grad[tail][sel].float(), expected[sel], 2e-2)
+    assert (x.grad[tail][~sel] == 0).all()
+
+
+@pytest.mark.parametrize("scoring,selection", list(itertools.product(SCORINGS, SELECTIONS)))
+def test_every_strategy_without_host_sync(scoring, selection):
+    torch.manual_seed(2)
+    logits = torch.randn(4, 256, 4096, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 4096, (4, 256), device="cuda")
+    targets[:, -10:] = -100
+    (lt, gt, it), (lr, gr, ir) = _pair(logits, targets, 0.3, scoring=scoring, selection=selection,
+                                       generator=True, check_targets=False)
+    assert torch.equal(it.mask, ir.mask)
+    assert _close(lt, lr, 2e-2) and _close(gt, gr, 2e-2)
+    x = logits.clone().requires_grad_(True)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = cggr_cross_entropy(x, targets, 0.3, scoring=scoring, selection=selection, generator=gen,
+                                  check_targets=False)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_inplace_backward_matches():
+    logits = torch.randn(512, 32000, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 32000, (512,), device="cuda")
+    x = logits.clone().requires_grad_(True)
+    cggr_cross_entropy(x, targets, 0.25).backward()
+    y = logits.clone().requires_grad_(True)
+    cggr_cross_entropy(y, targets, 0.25, inplace_backward=True).backward()
+    assert torch.equal(y.grad, x.grad)
+
+
+def test_torch_compile_fullgraph_and_cuda_graph():
+    logits = torch.randn(1024, 32000, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 32000, (1024,), device="cuda")
+
+    def step(x):
+        return cggr_cross_entropy(x, targets, 0.25, check_targets=False)
+
+    compiled = torch.compile(step, fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    compiled(x1).backward()
+    x2 = logits.clone().requires_grad_(True)
+    step(x2).backward()
+    assert _close(x1.grad, x2.grad, 1e-2)
+
+    static = logits.clone().requires_grad_(True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compiles kernels) outside the capture
+            static.grad = None
+            step(static).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static.grad = None
+    with torch.cuda.graph(graph):
+        captured = step(static)
+        captured.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _close(static.grad, x2.grad, 1e-2)
+
+
+def test_linear_path_matches_reference_on_gpu():
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(5003, 256, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_(True)
+    bias = torch.randn(5003, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 5003, (2, 300), device="cuda")
+    grads = []
+    for backend in ("triton", "torch"):
+        loss = cggr_linear_cross_entropy(hidden, weight, targets, 0.25, bias=bias, backend=backend, chunk_size=128,
+                                         fp32_grad_accumulation=True)
+        grads.append(torch.autograd.grad(loss, (hidden, weight, bias)))
+    for a, b in zip(*grads):
+        assert _close(a, b, 2e-2)
+
+
+def test_cggrloss_on_gpu_dynamic_threshold():
+    crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=True)
+    logits = torch.randn(2048, 8192, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 8192, (2048,), device="cuda")
+    crit(logits, targets).backward()
+    metrics = crit.get_metrics()
+    assert 0 < metrics["tokens_selected"] <= 2048
