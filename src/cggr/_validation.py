@@ -24,9 +24,9 @@ def check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_op
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    too_low = value <= lo if lo_open else value < lo
-    too_high = value >= hi if hi_open else value > hi
-    if too_low or too_high:
+    above = value > lo if lo_open else value >= lo
+    below = value < hi if hi_open else value <= hi
+    if not (above and below):  # written so that NaN fails too
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 

@@ -11,6 +11,8 @@ SCHEDULES = ("linear", "cosine")
 def curriculum_ratio(step: int, warmup_steps: int, min_tokens_ratio: float, schedule: str = "linear") -> float:
     """base(step) = 1 - f(min(1, step / warmup)) * (1 - min_tokens_ratio); 0 warmup = at once."""
     t = 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+    if t >= 1.0:
+        return min_tokens_ratio  # exactly, not 1 - (1 - r) rounded
     f = t if schedule == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
     return 1.0 - f * (1.0 - min_tokens_ratio)
 

@@ -94,10 +94,9 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         for rows in _chunks(order.numel(), ctx.chunk_rows):
             idx = order[rows]
             h = hidden.index_select(0, idx)
-            logits = _project(h, weight, bias)
+            logits = _project(h, weight, bias)[None]
             grad_logits = ctx.backend.logits_grad(
-                logits[None], targets[idx], lse[idx], coef[idx], mask[idx],
-                opts.label_smoothing, opts.z_loss, out=logits[None],
+                logits, targets[idx], lse[idx], coef[idx], mask[idx], opts.label_smoothing, opts.z_loss, out=logits,
             )[0]
             if need_hidden:
                 grad_hidden.index_copy_(0, idx, grad_logits @ weight)

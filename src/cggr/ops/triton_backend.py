@@ -103,7 +103,7 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=N
     coef = coef.to(lse.dtype).contiguous()
     if out is None:
         return logits_grad_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
-    if out is not logits:
+    if out.data_ptr() != logits.data_ptr() or out.stride() != logits.stride():
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
     logits_grad_inplace_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
     return logits
