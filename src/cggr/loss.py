@@ -11,6 +11,7 @@ from .core import select_and_reduce
 from .functional import run_cross_entropy
 from .info import CGGRInfo
 from .ops import get_backend
+from .scoring import needed_stats
 from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
 
 
@@ -128,7 +129,8 @@ class CGGRLoss(nn.Module):
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
             backend = get_backend(self.backend, logits.device)
-            stats = backend.row_stats(rows.detach()[None], flat_targets, valid)
+            needed = needed_stats(opts.scoring, opts.label_smoothing)
+            stats = backend.row_stats(rows.detach()[None], flat_targets, valid, needed)
             reduced = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape)
         info = reduced.info
         index = info.mask.nonzero().squeeze(1)

@@ -2,7 +2,7 @@
 
 A backend is any object with
 
-* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T]) -> RowStats``
+* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], needed: NeededStats) -> RowStats``
 * ``logits_grad(logits [B, T, V], targets, lse, coef, mask, label_smoothing, z_loss, out=None)
   -> [B, T, V]`` that is exactly 0 on rows where ``mask`` is False.
 """
@@ -15,7 +15,7 @@ import torch
 
 from ..core import LossOptions, RatioSpec, select_and_reduce
 from ..info import CGGRInfo
-from ..scoring import RowStats
+from ..scoring import RowStats, needed_stats
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 
@@ -26,7 +26,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape):
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid)
+        stats = backend.row_stats(logits, targets, valid, needed_stats(opts.scoring, opts.label_smoothing))
         reduced = select_and_reduce(stats, valid, logits.shape[-1], ratio, opts, seq_shape)
         ctx.backend, ctx.opts = backend, opts
         ctx.save_for_backward(logits, targets, stats.lse, reduced.info.mask, reduced.coef)
@@ -64,10 +64,11 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool):
         valid = targets != opts.ignore_index
+        needed = needed_stats(opts.scoring, opts.label_smoothing)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)
-            stats_parts.append(torch.stack(backend.row_stats(logits[None], targets[rows], valid[rows]), 1))
+            stats_parts.append(torch.stack(backend.row_stats(logits[None], targets[rows], valid[rows], needed), 1))
         stats = RowStats.from_columns(torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, weight.shape[0], ratio, opts, seq_shape)
         ctx.backend, ctx.opts = backend, opts

@@ -52,9 +52,10 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(non_finite[:, None], torch.full_like(columns, float("nan")), columns)
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> RowStats:
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, needed=None) -> RowStats:
     """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid ``[B*T]``.
-    Returns float32 (float64 for float64 logits), 0 on invalid rows."""
+    Returns float32 (float64 for float64 logits), 0 on invalid rows. Computes every field,
+    whatever ``needed`` says."""
     vocab_size = logits.shape[-1]
     logits = logits.reshape(-1, vocab_size)
     n_rows = logits.shape[0]

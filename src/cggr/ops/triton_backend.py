@@ -6,11 +6,12 @@ Imported lazily (on first use of a CUDA tensor or ``backend='triton'``).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 
-from ..scoring import RowStats
+from ..scoring import NeededStats, RowStats
 from . import triton_interpreting
 from .triton_kernels import logits_grad_kernel, row_stats_kernel
 
@@ -40,8 +41,10 @@ def _device_guard(tensor: torch.Tensor):
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
-def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order)."""
+def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool = True,
+                 need_sum_sq: bool = True, need_sum_x: bool = True) -> torch.Tensor:
+    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order);
+    the optional fields not asked for are 0."""
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
     stats = torch.empty(n_rows, _N_STATS, dtype=_stats_dtype(logits.dtype), device=logits.device)
@@ -50,13 +53,14 @@ def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
     with _device_guard(logits):
         row_stats_kernel[(n_rows,)](
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
-            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size),
+            ACC_DTYPE=_acc_dtype(logits.dtype), NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq,
+            NEED_SUM_X=need_sum_x, **launch_config(vocab_size),
         )
     return stats
 
 
 @row_stats_op.register_fake
-def _(logits, targets, valid):
+def _(logits, targets, valid, need_second=True, need_sum_sq=True, need_sum_x=True):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=_stats_dtype(logits.dtype))
 
 
@@ -95,8 +99,10 @@ def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: tor
     _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> RowStats:
-    return RowStats.from_columns(row_stats_op(logits, targets, valid))
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+              needed: Optional[NeededStats] = None) -> RowStats:
+    needed = needed or NeededStats(True, True, True)
+    return RowStats.from_columns(row_stats_op(logits, targets, valid, *needed))
 
 
 def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=None):

@@ -11,12 +11,15 @@ def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, NEED_SUM_X: tl.constexpr,
 ):
-    """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows.
+    """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows and
+    in the optional fields not asked for (NEED_*), so unused accumulators cost no registers.
 
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once
-    at the end. ``t`` accumulates ``e * (x - m)`` so that the entropy
-    ``log S - t / S`` never subtracts two large numbers.
+    at the end. ``t`` accumulates ``e * (x - m)`` so that the entropy ``log S - t / S``
+    never subtracts two large numbers. NaN or +inf anywhere makes ``S`` NaN, which marks
+    the row.
     """
     row = tl.program_id(0).to(tl.int64)
     base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
@@ -33,46 +36,47 @@ def row_stats_kernel(
     x_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
     top1 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
     top2 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
-    bad = tl.zeros((BLOCK_V,), tl.int32)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + cols
         in_row = offs < vocab_size
         x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
-        bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)
         m_new = tl.maximum(m, tl.max(x, 0))
         started = m != neg_inf
         alpha = tl.where(started, tl.exp(m - m_new), 0.0)
         shift = tl.where(started, m - m_new, 0.0)
-        finite = x != neg_inf
+        finite = x != neg_inf  # NaN passes, so that it reaches s
         e = tl.where(finite, tl.exp(x - m_new), 0.0)
         t_acc = alpha * (t_acc + shift * s_acc) + tl.where(finite, e * (x - m_new), 0.0)
         s_acc = alpha * s_acc + e
-        q_acc = alpha * alpha * q_acc + e * e
-        x_acc += tl.where(in_row, x, 0.0)
-        top2 = tl.maximum(top2, tl.minimum(top1, x))
-        top1 = tl.maximum(top1, x)
+        if NEED_SUM_SQ:
+            q_acc = alpha * alpha * q_acc + e * e
+        if NEED_SUM_X:
+            x_acc += tl.where(in_row, x, 0.0)
+        if NEED_SECOND:
+            top2 = tl.maximum(top2, tl.minimum(top1, x))
+            top1 = tl.maximum(top1, x)
         m = m_new
 
     total = tl.sum(s_acc, 0)
     lse = m + tl.log(total)
     entropy = tl.log(total) - tl.sum(t_acc, 0) / total
-    sum_sq = tl.sum(q_acc, 0) / (total * total)
-    best = tl.max(top1, 0)
-    n_best = tl.sum((top1 == best).to(tl.int32), 0)
-    runner_up = tl.maximum(tl.max(top2, 0), tl.max(tl.where(top1 == best, neg_inf, top1), 0))
-    second = tl.where(n_best > 1, best, runner_up)
+    second = m
+    if NEED_SECOND:
+        n_best = tl.sum((top1 == m).to(tl.int32), 0)
+        runner_up = tl.maximum(tl.max(top2, 0), tl.max(tl.where(top1 == m, neg_inf, top1), 0))
+        second = tl.where(n_best > 1, m, runner_up)
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
 
-    keep = valid & (tl.sum(bad, 0) == 0)  # NaN / +inf rows: every statistic NaN
+    keep = valid & (total == total)  # NaN / +inf rows: every statistic NaN
     out = stats_ptr + row * 7
     _store_stat(out + 0, lse, keep, valid)
     _store_stat(out + 1, target_logit, keep, valid)
     _store_stat(out + 2, entropy, keep, valid)
-    _store_stat(out + 3, tl.exp(best - lse), keep, valid)
-    _store_stat(out + 4, tl.exp(second - lse), keep, valid)
-    _store_stat(out + 5, sum_sq, keep, valid)
-    _store_stat(out + 6, tl.sum(x_acc, 0), keep, valid)
+    _store_stat(out + 3, tl.exp(m - lse), keep, valid)
+    _store_stat(out + 4, tl.where(NEED_SECOND, tl.exp(second - lse), 0.0), keep, valid)
+    _store_stat(out + 5, tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0), keep, valid)
+    _store_stat(out + 6, tl.where(NEED_SUM_X, tl.sum(x_acc, 0), 0.0), keep, valid)
 
 
 @triton.jit
