@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
-CONFIGS = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]
+STATS_CONFIGS = [(512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8)]
+GRAD_CONFIGS = [(2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32)]
 
 
 def main():
@@ -32,19 +33,23 @@ def main():
     del src, dst
     print(f"copy bandwidth {bandwidth:.0f} GB/s; N={n} V={v} bf16")
     nbytes = n * v * 2
-    print(f"{'BLOCK_V':>8} {'warps':>5} {'stats ms':>9} {'%bw':>5} {'stats+sq+x':>10} {'grad ms':>8} {'%bw':>5}")
-    for block, warps in CONFIGS:
-        os.environ["CGGR_BLOCK_V"], os.environ["CGGR_NUM_WARPS"] = str(block), str(warps)
-        t_stats = do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, True, False, False),
-                           return_mode="median")
-        t_all = do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, True, True, True),
-                         return_mode="median")
-        t_grad = do_bench(lambda: triton_backend.logits_grad_op(logits, targets, lse, coef, mask, 0.0, 0.0),
-                          return_mode="median")
-        grad_bytes = nbytes * (1 + mask.float().mean().item())
-        print(f"{block:>8} {warps:>5} {t_stats:9.3f} {100 * nbytes / t_stats / 1e6 / bandwidth:5.0f} "
-              f"{t_all:10.3f} {t_grad:8.3f} {100 * grad_bytes / t_grad / 1e6 / bandwidth:5.0f}")
-    del os.environ["CGGR_BLOCK_V"], os.environ["CGGR_NUM_WARPS"]
+    print(f"{'stats BLOCK_V':>13} {'warps':>5} {'combined ms':>11} {'%bw':>4} {'all stats ms':>12} {'%bw':>4}")
+    for config in STATS_CONFIGS:
+        os.environ["CGGR_STATS_CONFIG"] = ",".join(map(str, config))
+        times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, True, every),
+                          return_mode="median") for every in (False, True)]
+        print(f"{config[0]:>13} {config[1]:>5} {times[0]:11.3f} "
+              f"{100 * nbytes / times[0] / 1e6 / bandwidth:4.0f} {times[1]:12.3f} "
+              f"{100 * nbytes / times[1] / 1e6 / bandwidth:4.0f}")
+    del os.environ["CGGR_STATS_CONFIG"]
+    grad_bytes = nbytes * (1 + mask.float().mean().item())
+    print(f"{'grad BLOCK_V':>13} {'warps':>5} {'ms (25% rows)':>14} {'%bw':>4}")
+    for config in GRAD_CONFIGS:
+        os.environ["CGGR_GRAD_CONFIG"] = ",".join(map(str, config))
+        t = do_bench(lambda: triton_backend.logits_grad_op(logits, targets, lse, coef, mask, 0.0, 0.0),
+                     return_mode="median")
+        print(f"{config[0]:>13} {config[1]:>5} {t:14.3f} {100 * grad_bytes / t / 1e6 / bandwidth:4.0f}")
+    del os.environ["CGGR_GRAD_CONFIG"]
 
     x = logits[0].clone().requires_grad_(True)
 

@@ -30,7 +30,7 @@ def _compare(logits, targets, ratio, tol, **kw):
         flipped = it.mask != ir.mask
         assert (ir.difficulty[flipped] - boundary).abs().max() < 10 * tol
         return
-    assert torch.equal(it.weight, ir.weight)
+    torch.testing.assert_close(it.weight, ir.weight, rtol=tol, atol=tol)
     torch.testing.assert_close(lt, lr, rtol=tol, atol=tol, equal_nan=True)
     grad_tol = 1e-2 if logits.dtype in (torch.bfloat16, torch.float16) else tol
     torch.testing.assert_close(gt.float(), gr.float(), rtol=grad_tol, atol=grad_tol, equal_nan=True)

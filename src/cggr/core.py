@@ -12,7 +12,7 @@ import torch
 
 from .info import CGGRInfo
 from .scoring import RowStats, difficulty, nll, row_loss
-from .selection import select_rows
+from .selection import ratio_tensor, select_rows
 
 RatioSpec = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -92,7 +92,7 @@ def select_and_reduce(
         confidence=torch.where(valid, stats.max_prob, zero),
         entropy=torch.where(valid, stats.entropy, zero),
         nll=torch.where(valid, nll(stats), zero),
-        ratio=torch.as_tensor(ratio, dtype=torch.float64, device=scores.device),
+        ratio=ratio_tensor(ratio, scores.device),
         n_selected=n_selected,
         n_valid=n_valid,
         full_loss=losses.sum() / n_valid.clamp(min=1).to(losses.dtype),

@@ -129,7 +129,7 @@ class CGGRLoss(nn.Module):
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
             backend = get_backend(self.backend, logits.device)
-            needed = needed_stats(opts.scoring, opts.label_smoothing)
+            needed = needed_stats(opts.scoring)
             stats = backend.row_stats(rows.detach()[None], flat_targets, valid, needed)
             reduced = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape)
         info = reduced.info

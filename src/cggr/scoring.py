@@ -34,19 +34,14 @@ class RowStats(NamedTuple):
 
 
 class NeededStats(NamedTuple):
-    """Which optional RowStats fields a computation reads; a backend may leave the others 0."""
+    """Which optional RowStats fields a scoring reads; a backend may leave the others 0."""
 
     second_prob: bool
     sum_sq_prob: bool
-    sum_logits: bool
 
 
-def needed_stats(scoring: str, label_smoothing: float) -> NeededStats:
-    return NeededStats(
-        second_prob=scoring in ("margin", "combined"),
-        sum_sq_prob=scoring == "gradnorm",
-        sum_logits=bool(label_smoothing),
-    )
+def needed_stats(scoring: str) -> NeededStats:
+    return NeededStats(second_prob=scoring in ("margin", "combined"), sum_sq_prob=scoring == "gradnorm")
 
 
 def nll(stats: RowStats) -> torch.Tensor:

@@ -19,11 +19,18 @@ _IMPORTANCE_GRID = 33  # candidate values of c per refinement round
 _IMPORTANCE_ROUNDS = 6  # 32**6 ~ 1e9-fold narrowing of log(c): far below 1e-4 relative
 
 
+def ratio_tensor(ratio: Ratio, device: torch.device) -> torch.Tensor:
+    """The ratio as a float64 0-d device tensor. A Python float is filled in on the device:
+    ``torch.as_tensor(float, device='cuda')`` would be a blocking host-to-device copy."""
+    if isinstance(ratio, torch.Tensor):
+        return ratio.to(device=device, dtype=torch.float64)
+    return torch.full((), ratio, dtype=torch.float64, device=device)
+
+
 def token_budget(ratio: Ratio, n_valid: torch.Tensor) -> torch.Tensor:
     """k = max(1, ceil(ratio * n_valid - 1e-6)) in float64, 0 when n_valid == 0. int64 0-d."""
     n = n_valid.to(torch.float64)
-    ratio64 = torch.as_tensor(ratio, dtype=torch.float64, device=n_valid.device)
-    k = torch.ceil(ratio64 * n - 1e-6).clamp(min=1.0)
+    k = torch.ceil(ratio_tensor(ratio, n.device) * n - 1e-6).clamp(min=1.0)
     k = torch.minimum(k, n)  # a device-side ratio is not range-checked
     return torch.where(n_valid > 0, k, torch.zeros_like(k)).to(torch.int64)
 
@@ -127,7 +134,7 @@ def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
     dtype = torch.float64
     s = torch.nan_to_num(scores.to(dtype), nan=1.0).clamp(min=_IMPORTANCE_MIN_SCORE)
     s = torch.where(valid, s, torch.zeros_like(s))
-    pi_min = 0.05 * torch.as_tensor(ratio, dtype=dtype, device=scores.device)
+    pi_min = 0.05 * ratio_tensor(ratio, scores.device)
     kf = k.to(dtype)
 
     def expected_count(c: torch.Tensor) -> torch.Tensor:  # c: [G] -> [G]

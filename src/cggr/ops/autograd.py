@@ -26,7 +26,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape):
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, needed_stats(opts.scoring, opts.label_smoothing))
+        stats = backend.row_stats(logits, targets, valid, needed_stats(opts.scoring))
         reduced = select_and_reduce(stats, valid, logits.shape[-1], ratio, opts, seq_shape)
         ctx.backend, ctx.opts = backend, opts
         ctx.save_for_backward(logits, targets, stats.lse, reduced.info.mask, reduced.coef)
@@ -64,7 +64,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool):
         valid = targets != opts.ignore_index
-        needed = needed_stats(opts.scoring, opts.label_smoothing)
+        needed = needed_stats(opts.scoring)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)

@@ -18,14 +18,26 @@ from .triton_kernels import logits_grad_kernel, row_stats_kernel
 _N_STATS = len(RowStats._fields)
 
 
-def launch_config(vocab_size: int) -> dict:
-    """Block size along V and warps per program. The interpreter costs per loop iteration,
-    so it gets one large block; ``CGGR_BLOCK_V`` / ``CGGR_NUM_WARPS`` override (tuning only)."""
-    if triton_interpreting():
+# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py.
+_STATS_CONFIG = (1024, 4)
+_GRAD_CONFIG = (8192, 8)
+
+
+def _env_override(name: str, default):
+    """``CGGR_STATS_CONFIG=1024,4``-style overrides, for tuning runs only."""
+    text = os.environ.get(name)
+    return default if not text else tuple(int(v) for v in text.split(","))
+
+
+def launch_config(vocab_size: int, kind: str) -> dict:
+    """Launch parameters of the ``'stats'`` or ``'grad'`` kernel. The interpreter costs per
+    loop iteration, so it gets one large block."""
+    interpreting = triton_interpreting()
+    block, warps = _env_override("CGGR_STATS_CONFIG" if kind == "stats" else "CGGR_GRAD_CONFIG",
+                                 _STATS_CONFIG if kind == "stats" else _GRAD_CONFIG)
+    if interpreting:
         return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), 1 << 16)}
-    block = int(os.environ.get("CGGR_BLOCK_V", 0)) or min(triton.next_power_of_2(vocab_size), 4096)
-    warps = int(os.environ.get("CGGR_NUM_WARPS", 0)) or (8 if block >= 2048 else 4)
-    return {"BLOCK_V": block, "num_warps": warps}
+    return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), block), "num_warps": warps}
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -42,7 +54,7 @@ def _device_guard(tensor: torch.Tensor):
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
 def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool = True,
-                 need_sum_sq: bool = True, need_sum_x: bool = True) -> torch.Tensor:
+                 need_sum_sq: bool = True) -> torch.Tensor:
     """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order);
     the optional fields not asked for are 0."""
     batch, seq_len, vocab_size = logits.shape
@@ -54,13 +66,13 @@ def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
         row_stats_kernel[(n_rows,)](
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
             ACC_DTYPE=_acc_dtype(logits.dtype), NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq,
-            NEED_SUM_X=need_sum_x, **launch_config(vocab_size),
+            **launch_config(vocab_size, "stats"),
         )
     return stats
 
 
 @row_stats_op.register_fake
-def _(logits, targets, valid, need_second=True, need_sum_sq=True, need_sum_x=True):
+def _(logits, targets, valid, need_second=True, need_sum_sq=True):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=_stats_dtype(logits.dtype))
 
 
@@ -75,7 +87,7 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
         logits_grad_kernel[(batch * seq_len,)](
             logits, grad, targets, lse, coef, mask, seq_len, logits.stride(0), logits.stride(1),
             grad.stride(0), grad.stride(1), vocab_size, params,
-            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size),
+            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size, "grad"),
         )
 
 
@@ -101,7 +113,7 @@ def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: tor
 
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
               needed: Optional[NeededStats] = None) -> RowStats:
-    needed = needed or NeededStats(True, True, True)
+    needed = needed or NeededStats(True, True)
     return RowStats.from_columns(row_stats_op(logits, targets, valid, *needed))
 
 

@@ -7,25 +7,51 @@ import triton.language as tl
 
 
 @triton.jit
+def _absorb_block(x, m, s_acc, t_acc, q_acc, x_acc, top1, top2,
+                  NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr):
+    """Fold one block of logits (float, -inf where masked) into the running row state."""
+    block_max = tl.max(x, 0)
+    if block_max > m:  # uniform branch: rescale only when the row maximum grows
+        started = m != float("-inf")
+        alpha = tl.where(started, tl.exp(m - block_max), 0.0)
+        t_acc = alpha * (t_acc + tl.where(started, m - block_max, 0.0) * s_acc)
+        s_acc = alpha * s_acc
+        if NEED_SUM_SQ:
+            q_acc = alpha * alpha * q_acc
+        m = block_max
+    # exp(-800) is 0 even in float64, so clamping x - m there makes -inf logits contribute exactly
+    # nothing to s and t without a select; m is -inf only while the whole row so far is.
+    d = tl.maximum(x - tl.where(m == float("-inf"), 0.0, m), -800.0)
+    e = tl.exp(d)
+    s_acc += e
+    t_acc += e * d
+    if NEED_SUM_SQ:
+        q_acc += e * e
+    if NEED_SECOND:
+        top2 = tl.maximum(top2, tl.minimum(top1, x))
+        top1 = tl.maximum(top1, x)
+    return m, s_acc, t_acc, q_acc, x_acc, top1, top2
+
+
+@triton.jit
 def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, NEED_SUM_X: tl.constexpr,
+    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows and
-    in the optional fields not asked for (NEED_*), so unused accumulators cost no registers.
+    in the optional fields not asked for (NEED_*), so unused accumulators cost nothing.
 
-    The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once
-    at the end. ``t`` accumulates ``e * (x - m)`` so that the entropy ``log S - t / S``
-    never subtracts two large numbers. NaN or +inf anywhere makes ``S`` NaN, which marks
-    the row.
+    The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
+    the end. ``t`` accumulates ``e * (x - m)`` so that the entropy ``log S - t / S`` never
+    subtracts two large numbers. ``sum x`` (always kept: one add) flags NaN and +inf rows.
+    Full blocks are read unmasked; one masked tail block follows.
     """
     row = tl.program_id(0).to(tl.int64)
     base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = tl.load(valid_ptr + row) != 0
-    n_cols = tl.where(valid, vocab_size, 0)
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
 
@@ -36,30 +62,23 @@ def row_stats_kernel(
     x_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
     top1 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
     top2 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        in_row = offs < vocab_size
-        x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        started = m != neg_inf
-        alpha = tl.where(started, tl.exp(m - m_new), 0.0)
-        shift = tl.where(started, m - m_new, 0.0)
-        finite = x != neg_inf  # NaN passes, so that it reaches s
-        e = tl.where(finite, tl.exp(x - m_new), 0.0)
-        t_acc = alpha * (t_acc + shift * s_acc) + tl.where(finite, e * (x - m_new), 0.0)
-        s_acc = alpha * s_acc + e
-        if NEED_SUM_SQ:
-            q_acc = alpha * alpha * q_acc + e * e
-        if NEED_SUM_X:
-            x_acc += tl.where(in_row, x, 0.0)
-        if NEED_SECOND:
-            top2 = tl.maximum(top2, tl.minimum(top1, x))
-            top1 = tl.maximum(top1, x)
-        m = m_new
+    full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
+    for start in range(0, full_end, BLOCK_V):
+        x = tl.load(logits_ptr + base + start + cols).to(ACC_DTYPE)
+        x_acc += x
+        m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
+            x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+    offs = full_end + cols
+    in_row = (offs < vocab_size) & valid
+    x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
+    x_acc += tl.where(in_row, x, 0.0)
+    m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
+        x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
 
     total = tl.sum(s_acc, 0)
     lse = m + tl.log(total)
     entropy = tl.log(total) - tl.sum(t_acc, 0) / total
+    sum_x = tl.sum(x_acc, 0)
     second = m
     if NEED_SECOND:
         n_best = tl.sum((top1 == m).to(tl.int32), 0)
@@ -68,7 +87,7 @@ def row_stats_kernel(
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
 
-    keep = valid & (total == total)  # NaN / +inf rows: every statistic NaN
+    keep = valid & (sum_x == sum_x) & (sum_x != float("inf"))  # NaN / +inf rows: all NaN
     out = stats_ptr + row * 7
     _store_stat(out + 0, lse, keep, valid)
     _store_stat(out + 1, target_logit, keep, valid)
@@ -76,7 +95,7 @@ def row_stats_kernel(
     _store_stat(out + 3, tl.exp(m - lse), keep, valid)
     _store_stat(out + 4, tl.where(NEED_SECOND, tl.exp(second - lse), 0.0), keep, valid)
     _store_stat(out + 5, tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0), keep, valid)
-    _store_stat(out + 6, tl.where(NEED_SUM_X, tl.sum(x_acc, 0), 0.0), keep, valid)
+    _store_stat(out + 6, sum_x, keep, valid)
 
 
 @triton.jit
@@ -107,10 +126,15 @@ def logits_grad_kernel(
     p_scale = 1.0 + 2.0 * z_loss * lse
     smooth = label_smoothing / vocab_size
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab_size, BLOCK_V):
-        offs = start + cols
-        in_row = offs < vocab_size
-        x = tl.load(logits_ptr + base + offs, mask=in_row & selected, other=0.0).to(ACC_DTYPE)
-        g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
-        g = tl.where(selected, coef * g, 0.0)
-        tl.store(grad_ptr + grad_base + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+    if selected:  # uniform branch: unselected rows only store zeros
+        for start in range(0, vocab_size, BLOCK_V):
+            offs = start + cols
+            in_row = offs < vocab_size
+            x = tl.load(logits_ptr + base + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
+            g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
+            tl.store(grad_ptr + grad_base + offs, (coef * g).to(grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
+        for start in range(0, vocab_size, BLOCK_V):
+            offs = start + cols
+            tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < vocab_size)
