@@ -29,20 +29,25 @@ def _grads(fn, *tensors):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("selection", SELECTIONS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_matches_plain_path(backend, selection, reduction):
+@pytest.mark.parametrize("reduction,ratio", [("mean", 0.3), ("none", 0.3), ("mean", 1.0), ("sum", 1.0),
+                                             ("none", 1.0)])
+def test_linear_matches_plain_path(backend, selection, reduction, ratio):
     hidden, weight, bias, targets = _problem()
     kw = dict(selection=selection, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, backend=backend)
 
     def linear(h, w, b):
-        return cggr_linear_cross_entropy(h, w, targets, 0.3, bias=b, chunk_size=5,
+        return cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=5,
                                          generator=torch.Generator().manual_seed(2), **kw)
 
     def plain(h, w, b):
-        return cggr_cross_entropy(h @ w.T + b, targets, 0.3, generator=torch.Generator().manual_seed(2), **kw)
+        return cggr_cross_entropy(h @ w.T + b, targets, ratio, generator=torch.Generator().manual_seed(2), **kw)
 
     loss_l, grads_l = _grads(linear, hidden, weight, bias)
     loss_p, grads_p = _grads(plain, hidden, weight, bias)
+    if reduction != "none":  # an upstream gradient other than 1 must scale every gradient
+        _, grads_l3 = _grads(lambda *a: 3.0 * linear(*a), hidden, weight, bias)
+        for a, b in zip(grads_l3, grads_p):
+            torch.testing.assert_close(a, 3.0 * b)
     torch.testing.assert_close(loss_l, loss_p)
     for a, b in zip(grads_l, grads_p):
         torch.testing.assert_close(a, b)

@@ -57,14 +57,15 @@ def difficulty(stats: RowStats, scoring: str, vocab_size: int) -> torch.Tensor:
     if scoring == "gradnorm":
         sq = stats.sum_sq_prob - 2.0 * target_prob(stats) + 1.0
         return (torch.sqrt(sq.clamp(min=0.0)) / math.sqrt(2.0)).clamp(0.0, 1.0)
-    entropy_score = (stats.entropy / math.log(vocab_size) - stats.max_prob + 1.0) / 2.0
-    margin_score = 1.0 - (stats.max_prob - stats.second_prob)
-    loss_score = 1.0 - target_prob(stats)
-    by_name = {"entropy": entropy_score, "margin": margin_score, "loss": loss_score}
+    parts = {
+        "entropy": lambda: (stats.entropy / math.log(vocab_size) - stats.max_prob + 1.0) / 2.0,
+        "margin": lambda: 1.0 - (stats.max_prob - stats.second_prob),
+        "loss": lambda: 1.0 - target_prob(stats),
+    }
     if scoring == "combined":
-        score = (entropy_score + margin_score + loss_score) / 3.0
+        score = (parts["entropy"]() + parts["margin"]() + parts["loss"]()) / 3.0
     else:
-        score = by_name[scoring]
+        score = parts[scoring]()
     return score.clamp(0.0, 1.0)
 
 

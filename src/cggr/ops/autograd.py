@@ -52,12 +52,41 @@ def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_s
     return loss, CGGRInfo(**dict(zip(_INFO_FIELDS, info)))
 
 
+class _HeadGrads:
+    """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients."""
+
+    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, fp32):
+        self.acc_dtype = torch.float32 if fp32 else weight.dtype
+        self.weight = weight
+        self.hidden = torch.zeros_like(hidden) if need_hidden else None
+        self.weight_grad = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device) if need_weight else None
+        self.bias = torch.zeros(weight.shape[0], dtype=self.acc_dtype, device=weight.device) if has_bias else None
+
+    def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, index, grad_logits @ self.weight)
+        if self.weight_grad is not None:
+            self.weight_grad.addmm_(grad_logits.t().to(self.acc_dtype), h.to(self.acc_dtype))
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.acc_dtype)
+
+    def result(self, scale: torch.Tensor, weight_dtype, bias_dtype):
+        """(grad_hidden, grad_weight, grad_bias) times ``scale`` (the upstream gradient)."""
+        def scaled(grad, dtype):
+            return None if grad is None else (grad * scale.to(grad.dtype)).to(dtype)
+        hidden_dtype = None if self.hidden is None else self.hidden.dtype
+        return scaled(self.hidden, hidden_dtype), scaled(self.weight_grad, weight_dtype), scaled(self.bias, bias_dtype)
+
+
 class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     """CGGR over ``hidden @ weight.T + bias`` without materialising the whole logits.
 
     Forward: logits chunk by chunk, statistics of every row, selection over the batch.
     Backward: logits recomputed only for (at most ``max_selected``) rows, selected first,
     so the three backward matmuls cost in proportion to the rows kept.
+    At ratio 1 every valid row is selected whatever the strategy, so (for a scalar loss)
+    the gradients are formed in the forward instead, from logits that already exist.
     """
 
     @staticmethod
@@ -65,15 +94,30 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool):
         valid = targets != opts.ignore_index
         needed = needed_stats(opts.scoring)
+        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
+        if grads_now:
+            grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                               fp32_grad_accumulation)
+            # The coefficient SPEC.md §5 gives every row when all valid rows are selected.
+            denominator = valid.sum().clamp(min=1) if opts.reduction == "mean" else torch.ones((), device=valid.device)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
-            logits = _project(hidden[rows], weight, bias)
-            stats_parts.append(torch.stack(backend.row_stats(logits[None], targets[rows], valid[rows], needed), 1))
+            logits = _project(hidden[rows], weight, bias)[None]
+            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], needed)
+            stats_parts.append(torch.stack(chunk_stats, 1))
+            if grads_now:
+                coef = valid[rows].to(chunk_stats.lse.dtype) / denominator
+                grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows],
+                                                  opts.label_smoothing, opts.z_loss, out=logits)[0]
+                index = torch.arange(rows.start, rows.stop, device=hidden.device)
+                grads.add(index, hidden[rows], grad_logits)
+            del logits
         stats = RowStats.from_columns(torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, weight.shape[0], ratio, opts, seq_shape)
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.fp32 = chunk_rows, max_selected, fp32_grad_accumulation
         ctx.has_bias = bias is not None
+        ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.info.mask, reduced.coef)
         info = tuple(getattr(reduced.info, name) for name in _INFO_FIELDS)
         ctx.mark_non_differentiable(*info)
@@ -82,33 +126,27 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
         hidden, weight, bias, targets, lse, mask, coef = ctx.saved_tensors
+        bias_dtype = bias.dtype if bias is not None else None
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            return (*grads.result(grad_loss, weight.dtype, bias_dtype), *([None] * 8))
         opts = ctx.opts
         coef = coef * grad_loss.to(coef.dtype)
         # Selected rows first (stable, so in index order); the padding rows after them
         # have mask False and contribute exact zeros.
         order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
-        acc_dtype = torch.float32 if ctx.fp32 else weight.dtype
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if ctx.has_bias else None
+        grads = _HeadGrads(hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.fp32)
         for rows in _chunks(order.numel(), ctx.chunk_rows):
-            idx = order[rows]
-            h = hidden.index_select(0, idx)
+            index = order[rows]
+            h = hidden.index_select(0, index)
             logits = _project(h, weight, bias)[None]
             grad_logits = ctx.backend.logits_grad(
-                logits, targets[idx], lse[idx], coef[idx], mask[idx], opts.label_smoothing, opts.z_loss, out=logits,
+                logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
+                out=logits,
             )[0]
-            if need_hidden:
-                grad_hidden.index_copy_(0, idx, grad_logits @ weight)
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t().to(acc_dtype), h.to(acc_dtype))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+            grads.add(index, h, grad_logits)
+            del logits, grad_logits
+        return (*grads.result(torch.ones((), device=weight.device), weight.dtype, bias_dtype), *([None] * 8))
 
 
 def _chunks(n_rows: int, chunk_rows: int):

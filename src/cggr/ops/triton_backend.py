@@ -18,9 +18,9 @@ from .triton_kernels import logits_grad_kernel, row_stats_kernel
 _N_STATS = len(RowStats._fields)
 
 
-# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py.
-_STATS_CONFIG = (1024, 4)
-_GRAD_CONFIG = (8192, 8)
+# (BLOCK_V, num_warps[, prefetch]) chosen on an H100 with bench/tune_kernels.py.
+_STATS_CONFIG = (1024, 2, 0)
+_GRAD_CONFIG = (16384, 32)
 
 
 def _env_override(name: str, default):
@@ -33,11 +33,15 @@ def launch_config(vocab_size: int, kind: str) -> dict:
     """Launch parameters of the ``'stats'`` or ``'grad'`` kernel. The interpreter costs per
     loop iteration, so it gets one large block."""
     interpreting = triton_interpreting()
-    block, warps = _env_override("CGGR_STATS_CONFIG" if kind == "stats" else "CGGR_GRAD_CONFIG",
-                                 _STATS_CONFIG if kind == "stats" else _GRAD_CONFIG)
+    if kind == "stats":
+        block, warps, prefetch = _env_override("CGGR_STATS_CONFIG", _STATS_CONFIG)
+        config = {"PREFETCH": bool(prefetch)}
+    else:
+        block, warps = _env_override("CGGR_GRAD_CONFIG", _GRAD_CONFIG)
+        config = {}
     if interpreting:
-        return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), 1 << 16)}
-    return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), block), "num_warps": warps}
+        return dict(config, BLOCK_V=min(triton.next_power_of_2(vocab_size), 1 << 16))
+    return dict(config, BLOCK_V=min(triton.next_power_of_2(vocab_size), block), num_warps=warps)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -52,11 +56,8 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else torch.device(tensor.device)
 
 
-@torch.library.custom_op("cggr::row_stats", mutates_args=())
-def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool = True,
-                 need_sum_sq: bool = True) -> torch.Tensor:
-    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order);
-    the optional fields not asked for are 0."""
+def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool,
+               need_sum_sq: bool) -> torch.Tensor:
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
     stats = torch.empty(n_rows, _N_STATS, dtype=_stats_dtype(logits.dtype), device=logits.device)
@@ -69,6 +70,14 @@ def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
             **launch_config(vocab_size, "stats"),
         )
     return stats
+
+
+@torch.library.custom_op("cggr::row_stats", mutates_args=())
+def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool = True,
+                 need_sum_sq: bool = True) -> torch.Tensor:
+    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order);
+    the optional fields not asked for are 0."""
+    return _row_stats(logits, targets, valid, need_second, need_sum_sq)
 
 
 @row_stats_op.register_fake
@@ -111,17 +120,29 @@ def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: tor
     _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
 
 
+# Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
+# it); under torch.compile the ops are what gets traced, so there is no graph break.
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
               needed: Optional[NeededStats] = None) -> RowStats:
     needed = needed or NeededStats(True, True)
-    return RowStats.from_columns(row_stats_op(logits, targets, valid, *needed))
+    compute = row_stats_op if torch.compiler.is_compiling() else _row_stats
+    return RowStats.from_columns(compute(logits, targets, valid, *needed))
 
 
 def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=None):
     coef = coef.to(lse.dtype).contiguous()
+    lse = lse.contiguous()
+    compiling = torch.compiler.is_compiling()
     if out is None:
-        return logits_grad_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
+        if compiling:
+            return logits_grad_op(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss)
+        return grad
     if out.data_ptr() != logits.data_ptr() or out.stride() != logits.stride():
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
-    logits_grad_inplace_op(logits, targets, lse.contiguous(), coef, mask, label_smoothing, z_loss)
+    if compiling:
+        logits_grad_inplace_op(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+    else:
+        _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
     return logits

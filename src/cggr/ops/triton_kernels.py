@@ -38,7 +38,7 @@ def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
+    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows and
     in the optional fields not asked for (NEED_*), so unused accumulators cost nothing.
@@ -63,11 +63,21 @@ def row_stats_kernel(
     top1 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
     top2 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
     full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
-    for start in range(0, full_end, BLOCK_V):
-        x = tl.load(logits_ptr + base + start + cols).to(ACC_DTYPE)
-        x_acc += x
-        m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
-            x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+    if PREFETCH:  # issue the next block's load before working on this one
+        x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end, other=neg_inf)
+        for start in range(0, full_end, BLOCK_V):
+            x = x_next.to(ACC_DTYPE)
+            ahead = start + BLOCK_V + cols
+            x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf)
+            x_acc += x
+            m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
+                x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+    else:
+        for start in range(0, full_end, BLOCK_V):
+            x = tl.load(logits_ptr + base + start + cols).to(ACC_DTYPE)
+            x_acc += x
+            m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
+                x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
     offs = full_end + cols
     in_row = (offs < vocab_size) & valid
     x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)

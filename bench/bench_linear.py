@@ -1,0 +1,111 @@
+"""Forward+backward of the LM head plus loss: cggr_linear_cross_entropy against the plain path.
+
+    python bench/bench_linear.py [--out bench/results/linear_<gpu>.json]
+
+Methods: ``h @ W.T`` + F.cross_entropy (bf16 logits, and fp32-upcast logits), cggr's linear path
+at ratio 0.25 and 1.0, Liger-Kernel's fused linear cross entropy and cut-cross-entropy when
+importable. Gradients flow to hidden and weight. "Extra memory" is the peak allocated during
+one forward+backward minus what was allocated before it, so it includes weight.grad and hidden.grad.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
+
+SHAPES = [(8192, 4096, 128256), (16384, 896, 151936)]
+
+
+def methods():
+    result = {
+        "h @ W.T + F.cross_entropy (bf16)": lambda h, w, t: F.cross_entropy(h @ w.T, t),
+        "h @ W.T + F.cross_entropy (fp32)": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t),
+        "cggr linear r=0.25": lambda h, w, t: cggr_linear_cross_entropy(h, w, t, 0.25, check_targets=False),
+        "cggr linear r=1.0": lambda h, w, t: cggr_linear_cross_entropy(h, w, t, 1.0, check_targets=False),
+    }
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        result["liger fused linear CE"] = lambda h, w, t: liger(w, h, t)
+    except ImportError as error:
+        print("liger-kernel not available:", error)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+        result["cut-cross-entropy"] = lambda h, w, t: linear_cross_entropy(h, w, t)
+    except ImportError as error:
+        print("cut-cross-entropy not available:", error)
+    return result
+
+
+def measure(fn, hidden, weight, targets):
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def run():
+        fn(h, w, targets).backward()
+
+    run()
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    h.grad = w.grad = None
+    ms = do_bench(run, warmup=25, rep=300, grad_to_none=[h, w], return_mode="median")
+    del h, w
+    torch.cuda.empty_cache()
+    return ms, peak
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name()
+    rows = []
+    for n, h_dim, v in SHAPES:
+        hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5
+        targets = torch.randint(0, v, (n,), device="cuda")
+        for name, fn in methods().items():
+            try:
+                ms, peak = measure(fn, hidden, weight, targets)
+            except Exception as error:  # report, keep measuring the rest
+                print(f"{name} at N={n} H={h_dim} V={v} failed: {error!r}")
+                continue
+            rows.append(dict(N=n, H=h_dim, V=v, method=name, ms=ms, extra_bytes=peak))
+        del hidden, weight
+        torch.cuda.empty_cache()
+    print(f"\n{'N':>6} {'H':>5} {'V':>7}  {'method':<34} {'ms':>8} {'extra GB':>9}")
+    for row in rows:
+        print(f"{row['N']:>6} {row['H']:>5} {row['V']:>7}  {row['method']:<34} {row['ms']:8.2f} "
+              f"{row['extra_bytes'] / 1e9:9.2f}")
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {"torch": torch.__version__}
+    for name in ("triton", "liger-kernel", "cut-cross-entropy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    result = dict(device=device_name, dtype="bfloat16", versions=versions, date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(["python"] + sys.argv), rows=rows)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"linear_{device_name.replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
