@@ -16,8 +16,8 @@ __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy"]
 
 LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
 
-# Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once.
-_LINEAR_CHUNK_ELEMENTS = 1 << 27
+# Rows per chunk of the linear path: about 2**26 logits (128 MiB in bf16) alive at once.
+_LINEAR_CHUNK_ELEMENTS = 1 << 26
 
 
 def cggr_cross_entropy(
@@ -87,7 +87,7 @@ def cggr_linear_cross_entropy(
         hidden: ``[..., H]`` float; ``weight``: ``[V, H]`` (an ``nn.Linear`` or tied embedding
             weight) of the same dtype; ``bias``: ``[V]`` or None.
         chunk_size: rows of logits computed at once (bounds peak memory); default about
-            2**27 / V rows.
+            2**26 / V rows.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
 
     The backward recomputes logits only for the selected rows, so its matmuls cost in
