@@ -12,6 +12,7 @@ from cggr import CGGRLoss, cggr_linear_cross_entropy
 from cggr.functional import cggr_cross_entropy
 from cggr.scoring import SCORINGS
 from cggr.selection import SELECTIONS
+from helpers import assert_backends_agree
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,13 +46,8 @@ def test_large_vocab_matches_reference(dtype, vocab):
     logits = (torch.randn(48, vocab, device="cuda") * 4).to(dtype)
     targets = torch.randint(0, vocab, (48,), device="cuda")
     targets[::7] = -100
-    (lt, gt, it), (lr, gr, ir) = _pair(logits, targets, 0.25)
-    assert torch.equal(it.mask, ir.mask)
-    assert _close(lt, lr, TOL[dtype])
-    assert _close(gt, gr, TOL[dtype])
-    assert (gt[~it.mask] == 0).all()
-    for name in ("difficulty", "confidence", "entropy", "nll"):
-        assert _close(getattr(it, name), getattr(ir, name), 1e-3), name
+    triton_result, torch_result = _pair(logits, targets, 0.25)
+    assert_backends_agree(triton_result, torch_result, 1e-4, TOL[dtype])
 
 
 def test_extreme_logits_and_neg_inf():
@@ -99,10 +95,9 @@ def test_every_strategy_without_host_sync(scoring, selection):
     logits = torch.randn(4, 256, 4096, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, 4096, (4, 256), device="cuda")
     targets[:, -10:] = -100
-    (lt, gt, it), (lr, gr, ir) = _pair(logits, targets, 0.3, scoring=scoring, selection=selection,
-                                       generator=True, check_targets=False)
-    assert torch.equal(it.mask, ir.mask)
-    assert _close(lt, lr, 2e-2) and _close(gt, gr, 2e-2)
+    triton_result, torch_result = _pair(logits, targets, 0.3, scoring=scoring, selection=selection,
+                                        generator=True, check_targets=False)
+    assert_backends_agree(triton_result, torch_result, 1e-4, 2e-2)
     x = logits.clone().requires_grad_(True)
     gen = torch.Generator(device="cuda").manual_seed(3)
     torch.cuda.synchronize()

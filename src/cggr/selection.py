@@ -30,24 +30,26 @@ def ratio_tensor(ratio: Ratio, device: torch.device) -> torch.Tensor:
 def token_budget(ratio: Ratio, n_valid: torch.Tensor) -> torch.Tensor:
     """k = max(1, ceil(ratio * n_valid - 1e-6)) in float64, 0 when n_valid == 0. int64 0-d."""
     n = n_valid.to(torch.float64)
-    k = torch.ceil(ratio_tensor(ratio, n.device) * n - 1e-6).clamp(min=1.0)
-    k = torch.minimum(k, n)  # a device-side ratio is not range-checked
-    return torch.where(n_valid > 0, k, torch.zeros_like(k)).to(torch.int64)
+    k = (n * ratio_tensor(ratio, n.device) - 1e-6).ceil_().clamp_(min=1.0)
+    # min(., n) is 0 when there is no valid row, and guards a device ratio (not range-checked).
+    return torch.minimum(k, n).to(torch.int64)
 
 
 def hardness_rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Rank of each row, 0 = hardest. Valid rows rank before invalid ones; NaN ranks
     hardest; equal scores go to the lower row index (stable sort)."""
-    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
-    key = torch.where(valid, key, torch.full_like(key, float("-inf")))
-    order = torch.sort(key, descending=True, stable=True).indices
+    order = torch.sort(_ranking_key(scores, valid), descending=True, stable=True).indices
     return _inverse_permutation(order)
 
 
+def _ranking_key(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Scores lie in [0, 1]: NaN becomes +inf (hardest) and invalid rows -inf (last)."""
+    return torch.where(valid, torch.nan_to_num(scores, nan=float("inf")), float("-inf"))
+
+
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    return rank
+    positions = torch.arange(order.numel(), device=order.device)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -121,12 +123,9 @@ def select_sequence_aware(scores, valid, k, seq_shape, min_tokens_per_sequence):
 
 def hardness_rank_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """:func:`hardness_rank` applied to each row of a ``[B, T]`` tensor independently."""
-    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
-    key = torch.where(valid, key, torch.full_like(key, float("-inf")))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
+    order = torch.sort(_ranking_key(scores, valid), dim=1, descending=True, stable=True).indices
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return rank.scatter_(1, order, positions)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:

@@ -19,8 +19,8 @@ _N_STATS = len(RowStats._fields)
 
 
 # (BLOCK_V, num_warps[, prefetch]) chosen on an H100 with bench/tune_kernels.py.
-_STATS_CONFIG = (1024, 2, 0)
-_GRAD_CONFIG = (16384, 32)
+_STATS_CONFIG = (1024, 2, 1)
+_GRAD_CONFIG = (16384, 16)
 
 
 def _env_override(name: str, default):
