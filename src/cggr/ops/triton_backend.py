@@ -89,9 +89,10 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
     batch, seq_len, vocab_size = logits.shape
     if batch * seq_len == 0:
         return
-    # Filled on the device (no host-to-device copy), so CUDA-graph capture works.
-    params = torch.empty(2, dtype=lse.dtype, device=logits.device)
-    params[0], params[1] = label_smoothing, z_loss
+    # Filled on the device: assigning a Python number into a CUDA tensor would be a blocking
+    # host-to-device copy (a sync, and not capturable in a CUDA graph).
+    params = torch.full((2,), label_smoothing, dtype=lse.dtype, device=logits.device)
+    params[1:].fill_(z_loss)
     with _device_guard(logits):
         logits_grad_kernel[(batch * seq_len,)](
             logits, grad, targets, lse, coef, mask, seq_len, logits.stride(0), logits.stride(1),
