@@ -51,7 +51,10 @@ def cggr_cross_entropy(
         float32/float64 and float32 otherwise; with ``return_info=True``, ``(loss, CGGRInfo)``.
         The gradient is exactly 0 on every row that was not selected.
     """
-    opts = _options(locals())
+    opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
+                    label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
+                    min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
+                    inplace_backward=inplace_backward)
     check.check_logits_targets(logits, targets)
     ratio = check.check_ratio(ratio, logits.device)
     return run_cross_entropy(logits, targets, ratio, opts, backend, check_targets, return_info)
@@ -94,7 +97,10 @@ def cggr_linear_cross_entropy(
     proportion to the tokens kept. ``inplace_backward`` is accepted and has no effect here:
     the recomputed logits are always overwritten by their gradient.
     """
-    opts = _options(locals())
+    opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
+                    label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
+                    min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
+                    inplace_backward=inplace_backward)
     check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -113,11 +119,9 @@ def cggr_linear_cross_entropy(
                                     return_info, chunk_size, fp32_grad_accumulation)
 
 
-def _options(arguments: dict) -> LossOptions:
-    names = ("scoring", "selection", "ignore_index", "reduction", "label_smoothing", "z_loss", "num_strata",
-             "min_tokens_per_sequence", "generator", "inplace_backward")
-    check.check_choice("backend", arguments["backend"], check.BACKENDS)
-    return check.make_options(**{name: arguments[name] for name in names})
+def _options(backend: str, **options) -> LossOptions:
+    check.check_choice("backend", backend, check.BACKENDS)
+    return check.make_options(**options)
 
 
 def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:

@@ -148,7 +148,8 @@ def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
         grid = lo + (hi - lo) * steps
         below = expected_count(torch.exp(grid)) < kf
         last_below = below.sum().clamp(min=1, max=_IMPORTANCE_GRID - 1) - 1
-        lo, hi = grid[last_below], grid[last_below + 1]
+        # index_select, not grid[t]: indexing with a 0-d tensor reads it on the host (a sync).
+        lo, hi = grid.index_select(0, torch.stack([last_below, last_below + 1])).unbind()
     c = torch.exp(hi)
     pi = torch.clamp(c * s, min=pi_min, max=1.0)
     pi = torch.where(k >= n_valid, torch.ones_like(pi), pi)
