@@ -60,7 +60,12 @@ def test_extreme_logits_and_neg_inf():
     (lt, gt, it), (lr, gr, ir) = _pair(logits, targets, 1.0, reduction="none")
     assert torch.isfinite(lt).all() and torch.isfinite(gt).all()
     assert _close(lt, lr, 1e-5) and _close(gt, gr, 1e-5)
-    assert _close(it.entropy, ir.entropy, 1e-5) and _close(it.confidence, ir.confidence, 1e-6)
+    # Many logits tie at the clamp (1e4): the entropy is that of a near-uniform top set. In
+    # float32 at magnitude 1e4, x - lse carries ~1e-3 of rounding, so compare with float64.
+    probs = torch.softmax(logits.double(), -1)
+    exact = torch.special.entr(probs).sum(-1)
+    assert _close(it.entropy, exact, 1e-4) and _close(ir.entropy, exact, 1e-3)
+    assert _close(it.confidence, probs.amax(-1), 1e-5)
 
 
 def test_nan_row_is_selected_and_gives_nan():

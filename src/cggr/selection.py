@@ -136,8 +136,13 @@ def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
     pi_min = 0.05 * ratio_tensor(ratio, scores.device)
     kf = k.to(dtype)
 
+    def clamp_pi(raw: torch.Tensor) -> torch.Tensor:
+        # maximum() with the 0-d device tensor: clamp(min=tensor, max=float) would copy the
+        # float to the device from the host (a sync).
+        return torch.maximum(raw, pi_min).clamp_(max=1.0)
+
     def expected_count(c: torch.Tensor) -> torch.Tensor:  # c: [G] -> [G]
-        pi = torch.clamp(c[:, None] * s[None, :], min=pi_min, max=1.0)
+        pi = clamp_pi(c[:, None] * s[None, :])
         return torch.where(valid[None, :], pi, torch.zeros_like(pi)).sum(dim=1)
 
     # sum pi is non-decreasing in c; refine log(c) on a grid, keeping the bracket around k.
@@ -150,8 +155,7 @@ def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
         last_below = below.sum().clamp(min=1, max=_IMPORTANCE_GRID - 1) - 1
         # index_select, not grid[t]: indexing with a 0-d tensor reads it on the host (a sync).
         lo, hi = grid.index_select(0, torch.stack([last_below, last_below + 1])).unbind()
-    c = torch.exp(hi)
-    pi = torch.clamp(c * s, min=pi_min, max=1.0)
+    pi = clamp_pi(torch.exp(hi) * s)
     pi = torch.where(k >= n_valid, torch.ones_like(pi), pi)
     return torch.where(valid, pi, torch.zeros_like(pi))
 
