@@ -73,8 +73,8 @@ class _HeadGrads:
 
     def result(self, scale: torch.Tensor, weight_dtype, bias_dtype):
         """(grad_hidden, grad_weight, grad_bias) times ``scale`` (the upstream gradient)."""
-        def scaled(grad, dtype):
-            return None if grad is None else (grad * scale.to(grad.dtype)).to(dtype)
+        def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
+            return None if grad is None else grad.mul_(scale.to(grad.dtype)).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
         return scaled(self.hidden, hidden_dtype), scaled(self.weight_grad, weight_dtype), scaled(self.bias, bias_dtype)
 

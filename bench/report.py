@@ -1,0 +1,41 @@
+"""Markdown tables for the README from the JSON files under bench/results/.
+
+    python bench/report.py
+"""
+import json
+import os
+
+HERE = os.path.join(os.path.dirname(__file__), "results")
+
+
+def loss_table(path):
+    data = json.load(open(path))
+    lines = [f"`{data['command']}` on {data['device']} (copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s), "
+             f"{data['dtype']}, forward+backward, median ms / peak extra GB:", "",
+             "| N | V | method | ms | extra GB | note |", "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        extra = "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:.2f}"
+        note = (f"{row['pct_of_floor']:.0f}% of byte floor" if "pct_of_floor" in row else
+                f"{row['pct_copy_bw']:.0f}% of copy bandwidth" if "pct_copy_bw" in row else "")
+        lines.append(f"| {row['N']} | {row['V']} | {row['method']} | {row['ms']:.3f} | {extra} | {note} |")
+    return "\n".join(lines)
+
+
+def linear_table(path):
+    data = json.load(open(path))
+    lines = [f"`{data['command']}` on {data['device']}, {data['dtype']}, forward+backward (grads of hidden and "
+             "weight), median ms / peak extra GB:", "",
+             "| N | H | V | method | ms | extra GB |", "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['method']} | {row['ms']:.2f} | "
+                     f"{row['extra_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for name in sorted(os.listdir(HERE)):
+        path = os.path.join(HERE, name)
+        if name.startswith("loss_") and name.endswith(".json"):
+            print(loss_table(path), "\n")
+        elif name.startswith("linear_") and name.endswith(".json"):
+            print(linear_table(path), "\n")
