@@ -179,3 +179,25 @@ def test_cggrloss_on_gpu_dynamic_threshold():
     crit(logits, targets).backward()
     metrics = crit.get_metrics()
     assert 0 < metrics["tokens_selected"] <= 2048
+
+
+def test_linear_path_compiles_and_makes_no_host_sync():
+    hidden = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(8000, 256, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_(True)
+    targets = torch.randint(0, 8000, (4, 128), device="cuda")
+
+    def step(h, w):
+        return cggr_linear_cross_entropy(h, w, targets, 0.25, check_targets=False, chunk_size=200)
+
+    eager = torch.autograd.grad(step(hidden, weight), (hidden, weight))
+    compiled = torch.autograd.grad(torch.compile(step, fullgraph=True)(hidden, weight), (hidden, weight))
+    for a, b in zip(compiled, eager):
+        assert _close(a, b, 1e-2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for ratio in (0.25, 1.0):
+            loss = cggr_linear_cross_entropy(hidden, weight, targets, ratio, check_targets=False, chunk_size=200)
+            torch.autograd.grad(loss, (hidden, weight))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -87,3 +87,22 @@ def test_unselected_rows_get_zero_hidden_grad():
     loss.backward()
     assert (h.grad[~info.mask] == 0).all()
     assert (h.grad[info.mask].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_bf16_matches_plain_path(backend):
+    hidden, weight, bias, targets = _problem(torch.float32, seed=3, vocab=45)
+    hidden, weight, bias = (t.to(torch.bfloat16) for t in (hidden, weight, bias))
+
+    def linear(h, w, b):
+        return cggr_linear_cross_entropy(h, w, targets, 0.4, bias=b, chunk_size=6, backend=backend,
+                                         fp32_grad_accumulation=True)
+
+    def plain(h, w, b):
+        return cggr_cross_entropy(h @ w.T + b, targets, 0.4, backend=backend)
+
+    loss_l, grads_l = _grads(linear, hidden, weight, bias)
+    loss_p, grads_p = _grads(plain, hidden, weight, bias)
+    torch.testing.assert_close(loss_l, loss_p, rtol=1e-3, atol=1e-3)
+    for a, b in zip(grads_l, grads_p):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -22,7 +22,7 @@ def _compare(logits, targets, ratio, tol, **kw):
     assert_backends_agree(results["triton"], results["torch"], tol, grad_tol)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     b=st.integers(1, 3), t=st.integers(1, 9), vocab=st.integers(2, 300),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),

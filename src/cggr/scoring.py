@@ -24,7 +24,7 @@ class RowStats(NamedTuple):
     entropy: torch.Tensor  # H = -sum p log p, nats
     max_prob: torch.Tensor  # p1
     second_prob: torch.Tensor  # p2 (== p1 when the maximum is shared)
-    sum_sq_prob: torch.Tensor  # sum p^2
+    sum_sq_other_prob: torch.Tensor  # sum over j != y of p_j^2 (gradnorm without cancellation)
     sum_logits: torch.Tensor  # sum x
 
     @classmethod
@@ -37,30 +37,33 @@ class NeededStats(NamedTuple):
     """Which optional RowStats fields a scoring reads; a backend may leave the others 0."""
 
     second_prob: bool
-    sum_sq_prob: bool
+    sum_sq_other_prob: bool
 
 
 def needed_stats(scoring: str) -> NeededStats:
-    return NeededStats(second_prob=scoring in ("margin", "combined"), sum_sq_prob=scoring == "gradnorm")
+    return NeededStats(second_prob=scoring in ("margin", "combined"), sum_sq_other_prob=scoring == "gradnorm")
 
 
 def nll(stats: RowStats) -> torch.Tensor:
     return stats.lse - stats.target_logit
 
 
-def target_prob(stats: RowStats) -> torch.Tensor:
-    return torch.exp(stats.target_logit - stats.lse)
+def target_miss(stats: RowStats) -> torch.Tensor:
+    """1 - p_y, computed as -expm1(x_y - lse): exact even when p_y is close to 1."""
+    return -torch.expm1(stats.target_logit - stats.lse)
 
 
 def difficulty(stats: RowStats, scoring: str, vocab_size: int) -> torch.Tensor:
     """Difficulty score in [0, 1], higher = harder (SPEC.md §3). NaN rows stay NaN."""
     if scoring == "gradnorm":
-        sq = stats.sum_sq_prob - 2.0 * target_prob(stats) + 1.0
-        return (torch.sqrt(sq.clamp(min=0.0)) / math.sqrt(2.0)).clamp(0.0, 1.0)
+        # ||p - onehot(y)||^2 = sum p^2 - 2 p_y + 1 = (1 - p_y)^2 + sum_{j != y} p_j^2; the second
+        # form does not cancel when p_y is near 1, where the score is near 0.
+        sq = target_miss(stats).square() + stats.sum_sq_other_prob
+        return (torch.sqrt(sq) / math.sqrt(2.0)).clamp(0.0, 1.0)
     parts = {
         "entropy": lambda: (stats.entropy / math.log(vocab_size) - stats.max_prob + 1.0) / 2.0,
         "margin": lambda: 1.0 - (stats.max_prob - stats.second_prob),
-        "loss": lambda: 1.0 - target_prob(stats),
+        "loss": lambda: target_miss(stats),
     }
     if scoring == "combined":
         score = (parts["entropy"]() + parts["margin"]() + parts["loss"]()) / 3.0

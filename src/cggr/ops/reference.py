@@ -36,6 +36,7 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # -inf logits have p == 0 and contribute nothing (0 * -inf would be NaN).
     entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=1)
     top2 = torch.topk(x, 2, dim=1).values
+    sq_other = p.square().scatter(1, target[:, None], 0.0).sum(dim=1)
     columns = torch.stack(
         [
             lse,
@@ -43,7 +44,7 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             entropy,
             torch.exp(top2[:, 0] - lse),
             torch.exp(top2[:, 1] - lse),
-            p.square().sum(dim=1),
+            sq_other,
             x.sum(dim=1),
         ],
         dim=1,

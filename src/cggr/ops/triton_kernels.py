@@ -7,9 +7,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _absorb_block(x, m, s_acc, t_acc, q_acc, x_acc, top1, top2,
+def _absorb_block(x, offs, target, m, s_acc, t_acc, q_acc, top1, top2,
                   NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr):
-    """Fold one block of logits (float, -inf where masked) into the running row state."""
+    """Fold one block of logits (float, -inf where masked; columns ``offs``) into the
+    running row state. ``q`` leaves out the target column (see RowStats.sum_sq_other_prob)."""
     block_max = tl.max(x, 0)
     if block_max > m:  # uniform branch: rescale only when the row maximum grows
         started = m != float("-inf")
@@ -26,11 +27,11 @@ def _absorb_block(x, m, s_acc, t_acc, q_acc, x_acc, top1, top2,
     s_acc += e
     t_acc += e * d
     if NEED_SUM_SQ:
-        q_acc += e * e
+        q_acc += tl.where(offs == target, 0.0, e * e)
     if NEED_SECOND:
         top2 = tl.maximum(top2, tl.minimum(top1, x))
         top1 = tl.maximum(top1, x)
-    return m, s_acc, t_acc, q_acc, x_acc, top1, top2
+    return m, s_acc, t_acc, q_acc, top1, top2
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def row_stats_kernel(
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """stats[row] = (lse, x[y], entropy, p1, p2, sum p^2, sum x); zeros on invalid rows and
+    """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x); zeros on invalid rows and
     in the optional fields not asked for (NEED_*), so unused accumulators cost nothing.
 
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
@@ -70,20 +71,20 @@ def row_stats_kernel(
             ahead = start + BLOCK_V + cols
             x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf)
             x_acc += x
-            m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
-                x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+            m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
+                x, start + cols, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
     else:
         for start in range(0, full_end, BLOCK_V):
             x = tl.load(logits_ptr + base + start + cols).to(ACC_DTYPE)
             x_acc += x
-            m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
-                x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+            m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
+                x, start + cols, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
     offs = full_end + cols
     in_row = (offs < vocab_size) & valid
     x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
     x_acc += tl.where(in_row, x, 0.0)
-    m, s_acc, t_acc, q_acc, x_acc, top1, top2 = _absorb_block(
-        x, m, s_acc, t_acc, q_acc, x_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+    m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
+        x, offs, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
 
     total = tl.sum(s_acc, 0)
     lse = m + tl.log(total)
