@@ -8,10 +8,8 @@ importable. Gradients flow to hidden and weight. "Extra memory" is the peak allo
 one forward+backward minus what was allocated before it, so it includes weight.grad and hidden.grad.
 """
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _results import write_result  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (16384, 896, 151936)]
 
@@ -71,7 +72,6 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name()
     rows = []
     for n, h_dim, v in SHAPES:
         hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)
@@ -90,21 +90,7 @@ def main():
     for row in rows:
         print(f"{row['N']:>6} {row['H']:>5} {row['V']:>7}  {row['method']:<34} {row['ms']:8.2f} "
               f"{row['extra_bytes'] / 1e9:9.2f}")
-    from importlib.metadata import PackageNotFoundError, version
-    versions = {"torch": torch.__version__}
-    for name in ("triton", "liger-kernel", "cut-cross-entropy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    result = dict(device=device_name, dtype="bfloat16", versions=versions, date=time.strftime("%Y-%m-%d"),
-                  command=" ".join(["python"] + sys.argv), rows=rows)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"linear_{device_name.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", out)
+    write_result("linear", args.out, rows, ("triton", "liger-kernel", "cut-cross-entropy"), dtype="bfloat16")
 
 
 if __name__ == "__main__":

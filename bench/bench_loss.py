@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,9 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _results import write_result  # noqa: E402
 
 SHAPES = [(8192, 128256), (8192, 32000), (8192, 151936), (4096, 128256), (32768, 128256)]
 SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm")
@@ -101,19 +103,6 @@ def cggr05_in_subprocess(n, v, path):
     return None
 
 
-def versions():
-    result = {"torch": torch.__version__}
-    import triton
-    result["triton"] = triton.__version__
-    for name, module in (("liger-kernel", "liger_kernel"),):
-        try:
-            from importlib.metadata import version
-            result[name] = version(name)
-        except Exception:
-            result[name] = None
-    return result
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -165,14 +154,7 @@ def main():
         if "pct_copy_bw" in row:
             note = f"{row['pct_copy_bw']:.0f}% of copy bandwidth"
         print(f"{row['N']:>6} {row['V']:>7}  {row['method']:<34} {row['ms']:8.3f} {extra:>9}  {note}")
-    result = dict(device=device_name, copy_bandwidth_gbs=bandwidth, dtype="bfloat16", versions=versions(),
-                  command=" ".join(["python"] + sys.argv), date=time.strftime("%Y-%m-%d"), rows=rows)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"loss_{device_name.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", out)
+    write_result("loss", args.out, rows, ("triton", "liger-kernel"), copy_bandwidth_gbs=bandwidth, dtype="bfloat16")
 
 
 if __name__ == "__main__":

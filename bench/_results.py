@@ -1,0 +1,32 @@
+"""Writing a benchmark's JSON under bench/results/ with what is needed to reproduce it."""
+import json
+import os
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def package_versions(*names):
+    found = {"torch": torch.__version__}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_result(kind, out, rows, packages, **fields):
+    """``bench/results/<kind>_<gpu>.json`` (or ``out``) with device, versions, command and rows."""
+    device = torch.cuda.get_device_name()
+    result = dict(device=device, versions=package_versions(*packages), date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(["python"] + sys.argv), **fields, rows=rows)
+    out = out or os.path.join(RESULTS, f"{kind}_{device.replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", out)
