@@ -30,3 +30,30 @@ def write_result(kind, out, rows, packages, **fields):
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", out)
+
+
+def time_and_peak(step, leaves, rep_ms=200):
+    """(median ms, peak extra bytes) of ``step()`` (a forward+backward into ``leaves``' grads).
+
+    Peak extra memory is the most allocated during one step minus what was allocated before
+    it, so it includes the gradients the step produces.
+    """
+    from triton.testing import do_bench
+
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
+
+    step()  # warm-up: compilation and autotuning stay out of both numbers
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    clear()
+    ms = do_bench(step, warmup=25, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
+    clear()
+    torch.cuda.empty_cache()
+    return ms, peak

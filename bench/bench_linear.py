@@ -13,13 +13,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_result  # noqa: E402
+from _results import time_and_peak, write_result  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (16384, 896, 151936)]
 
@@ -48,23 +47,7 @@ def methods():
 def measure(fn, hidden, weight, targets):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-
-    def run():
-        fn(h, w, targets).backward()
-
-    run()
-    h.grad = w.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    h.grad = w.grad = None
-    ms = do_bench(run, warmup=25, rep=300, grad_to_none=[h, w], return_mode="median")
-    del h, w
-    torch.cuda.empty_cache()
-    return ms, peak
+    return time_and_peak(lambda: fn(h, w, targets).backward(), [h, w], rep_ms=300)
 
 
 def main():

@@ -24,7 +24,7 @@ from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_result  # noqa: E402
+from _results import time_and_peak, write_result  # noqa: E402
 
 SHAPES = [(8192, 128256), (8192, 32000), (8192, 151936), (4096, 128256), (32768, 128256)]
 SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm")
@@ -41,23 +41,7 @@ def copy_bandwidth_gbs(n_bytes=4 << 30):
 def measure(loss_fn, logits, targets):
     """(median ms, peak extra bytes) of loss_fn(x, targets).backward() with x a leaf."""
     x = logits.clone().requires_grad_(True)
-
-    def run():
-        loss_fn(x, targets).backward()
-
-    run()
-    x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    x.grad = None
-    ms = do_bench(run, warmup=25, rep=200, grad_to_none=[x], return_mode="median")
-    del x
-    torch.cuda.empty_cache()
-    return ms, peak
+    return time_and_peak(lambda: loss_fn(x, targets).backward(), [x])
 
 
 def our_methods(full):
@@ -85,8 +69,8 @@ def baseline_methods():
 def cggr05_in_subprocess(n, v, path):
     """cggr 0.5.0's top-level module is also called ``cggr``: time it in its own process."""
     code = "\n".join([
-        f"import sys, json, torch; sys.path.insert(0, {path!r})",
-        "from triton.testing import do_bench",
+        f"import sys, json, torch; sys.path.insert(0, {path!r}); sys.path.insert(1, {os.path.dirname(__file__)!r})",
+        "from _results import time_and_peak",
         "from cggr import CGGRLoss",
         inspect.getsource(measure),
         "crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0).cuda()",
