@@ -116,7 +116,8 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
         # Two-stage backward, so the loss's own forward+backward can be timed on its own.
         (grad_logits,) = torch.autograd.grad(loss, logits)
         _sync(device)
-        loss_seconds += time.perf_counter() - loss_start
+        if step > 0:  # the first step pays one-time kernel compilation: not counted
+            loss_seconds += time.perf_counter() - loss_start
         logits.backward(grad_logits)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -124,7 +125,8 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
             kept = criterion.get_metrics()["tokens_selected"]
             criterion.step()
         _sync(device)
-        train_seconds += time.perf_counter() - start
+        if step > 0:
+            train_seconds += time.perf_counter() - start
         tokens_carried += kept
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             point = {"step": step + 1, "seconds": train_seconds, **evaluate(model, eval_batches, frequent)}
@@ -141,8 +143,8 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
         **{key: final[key] for key in ("loss_frequent", "loss_rare") if key in final},
         "tokens_carried_loss": tokens_carried,
         "tokens_seen": config.steps * config.batch * model_config.seq_len,
-        "step_ms": 1e3 * train_seconds / config.steps,
-        "loss_ms": 1e3 * loss_seconds / config.steps,
+        "step_ms": 1e3 * train_seconds / max(1, config.steps - 1),  # first step excluded
+        "loss_ms": 1e3 * loss_seconds / max(1, config.steps - 1),
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
