@@ -39,6 +39,24 @@ class Reduced(NamedTuple):
     info: CGGRInfo  # flat [N] per-row fields
 
 
+def mean_denominator(opts: LossOptions, n_valid: torch.Tensor, n_selected: torch.Tensor) -> Optional[torch.Tensor]:
+    """What ``reduction='mean'`` divides by (SPEC.md §5): the selected count, or n_valid for
+    ``importance``; at least 1, so an empty selection gives 0. None for 'sum' and 'none'."""
+    if opts.reduction != "mean":
+        return None
+    return (n_valid if opts.selection == "importance" else n_selected).clamp(min=1)
+
+
+def reduce_rows(weighted: torch.Tensor, opts: LossOptions, n_valid: torch.Tensor,
+                n_selected: torch.Tensor) -> torch.Tensor:
+    """Reduce ``[N]`` weighted per-row losses (0 on unselected rows) as ``opts.reduction`` says."""
+    if opts.reduction == "none":
+        return weighted
+    total = weighted.sum()
+    denominator = mean_denominator(opts, n_valid, n_selected)
+    return total if denominator is None else total / denominator.to(total.dtype)
+
+
 def mean_confidence(stats: RowStats, valid: torch.Tensor) -> torch.Tensor:
     """Mean of p1 over valid rows whose statistics are finite (0-d, on device)."""
     counted = valid & ~torch.isnan(stats.max_prob)
@@ -77,14 +95,9 @@ def select_and_reduce(
     weighted = torch.where(mask, weight * losses, zero)
     n_valid = valid.sum()
     n_selected = mask.sum()
-    if opts.reduction == "none":
-        loss, coef = weighted, weight
-    elif opts.reduction == "sum":
-        loss, coef = weighted.sum(), weight
-    else:
-        count = n_valid if opts.selection == "importance" else n_selected
-        denominator = count.clamp(min=1).to(weight.dtype)
-        loss, coef = weighted.sum() / denominator, weight / denominator
+    loss = reduce_rows(weighted, opts, n_valid, n_selected)
+    denominator = mean_denominator(opts, n_valid, n_selected)
+    coef = weight if denominator is None else weight / denominator.to(weight.dtype)
     info = CGGRInfo(
         mask=mask,
         weight=weight,

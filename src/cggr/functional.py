@@ -131,8 +131,8 @@ def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
 
 
-def _prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: LossOptions, backend: str,
-             check_targets: bool):
+def prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: LossOptions, backend: str,
+            check_targets: bool):
     """Checks that need the tensors; returns (backend module, seq_shape)."""
     seq_shape = check.check_sequence_shape(opts.selection, targets)
     check.check_generator(opts.generator, rows.device)
@@ -161,21 +161,20 @@ def _finish(loss: torch.Tensor, info: CGGRInfo, shape, opts: LossOptions, return
 def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, backend: str, check_targets: bool,
                       return_info: bool) -> LossOrLossAndInfo:
     """Validated inputs -> loss; ``ratio`` may also be a callable of the mean confidence."""
-    impl, seq_shape = _prepare(logits, targets, logits.shape[-1], opts, backend, check_targets)
+    impl, seq_shape = prepare(logits, targets, logits.shape[-1], opts, backend, check_targets)
     loss, info = cggr_cross_entropy_apply(_as_rows3d(logits), targets.reshape(-1), impl, ratio, opts, seq_shape)
     return _finish(loss, info, targets.shape, opts, return_info)
 
 
 def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, opts: LossOptions, backend: str,
                              check_targets: bool, return_info: bool, chunk_size: Optional[int] = None,
-                             fp32_grad_accumulation: bool = False,
-                             ratio_bound: Optional[float] = None) -> LossOrLossAndInfo:
+                             fp32_grad_accumulation: bool = False) -> LossOrLossAndInfo:
     vocab_size = weight.shape[0]
-    impl, seq_shape = _prepare(hidden, targets, vocab_size, opts, backend, check_targets)
+    impl, seq_shape = prepare(hidden, targets, vocab_size, opts, backend, check_targets)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
     chunk_rows = chunk_size or max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
-    bound = ratio if isinstance(ratio, float) else ratio_bound
+    bound = ratio if isinstance(ratio, float) else None  # a device ratio: no host-side bound
     loss, info = cggr_linear_cross_entropy_apply(
         hidden2d, weight, bias, targets.reshape(-1), impl, ratio, opts, seq_shape, min(chunk_rows, max(n_rows, 1)),
         max_selected_rows(bound, opts, n_rows, seq_shape), fp32_grad_accumulation,

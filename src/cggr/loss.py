@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from .core import select_and_reduce
-from .functional import run_cross_entropy
+from .core import reduce_rows, select_and_reduce
+from .functional import prepare, run_cross_entropy
 from .info import CGGRInfo
-from .ops import get_backend
 from .scoring import needed_stats
 from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
 
@@ -120,31 +119,19 @@ class CGGRLoss(nn.Module):
     def _forward_base_loss(self, logits, targets, ratio):
         """Fused scoring and selection, then ``base_loss`` on the selected rows (one sync, for k)."""
         opts = self.opts
-        seq_shape = check.check_sequence_shape(opts.selection, targets)
-        check.check_generator(opts.generator, logits.device)
-        if self.check_targets:
-            check.check_target_range(targets, logits.shape[-1], opts.ignore_index)
+        backend, seq_shape = prepare(logits, targets, logits.shape[-1], opts, self.backend, self.check_targets)
         rows = logits.reshape(-1, logits.shape[-1])
         flat_targets = targets.reshape(-1)
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
-            backend = get_backend(self.backend, logits.device)
-            needed = needed_stats(opts.scoring)
-            stats = backend.row_stats(rows.detach()[None], flat_targets, valid, needed)
-            reduced = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape)
-        info = reduced.info
+            stats = backend.row_stats(rows.detach()[None], flat_targets, valid, needed_stats(opts.scoring))
+            info = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape).info
         index = info.mask.nonzero().squeeze(1)
         chosen = self.base_loss(rows.index_select(0, index), flat_targets.index_select(0, index))
         chosen = chosen.reshape(-1) * info.weight.index_select(0, index).to(chosen.dtype)
-        if opts.reduction == "none":
-            loss = torch.zeros(rows.shape[0], dtype=chosen.dtype, device=rows.device).index_put((index,), chosen)
-            loss = loss.reshape(targets.shape)
-        elif opts.reduction == "sum":
-            loss = chosen.sum()
-        else:
-            count = info.n_valid if opts.selection == "importance" else info.n_selected
-            loss = chosen.sum() / count.clamp(min=1).to(chosen.dtype)
-        return loss, info.reshape_rows(targets.shape)
+        weighted = torch.zeros(rows.shape[0], dtype=chosen.dtype, device=rows.device).index_put((index,), chosen)
+        loss = reduce_rows(weighted, opts, info.n_valid, info.n_selected)
+        return (loss.reshape(targets.shape) if opts.reduction == "none" else loss), info.reshape_rows(targets.shape)
 
     # -- metrics ----------------------------------------------------------------------------
     def get_metrics(self) -> Dict[str, Union[int, float, str]]:

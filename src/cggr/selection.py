@@ -36,9 +36,9 @@ def token_budget(ratio: Ratio, n_valid: torch.Tensor) -> torch.Tensor:
 
 
 def hardness_rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Rank of each row, 0 = hardest. Valid rows rank before invalid ones; NaN ranks
-    hardest; equal scores go to the lower row index (stable sort)."""
-    order = torch.sort(_ranking_key(scores, valid), descending=True, stable=True).indices
+    """Rank of each row along the last dim, 0 = hardest. Valid rows rank before invalid ones;
+    NaN ranks hardest; equal scores go to the lower row index (stable sort)."""
+    order = torch.sort(_ranking_key(scores, valid), dim=-1, descending=True, stable=True).indices
     return _inverse_permutation(order)
 
 
@@ -48,7 +48,8 @@ def _ranking_key(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(order.numel(), device=order.device)
+    """Inverse of each permutation along the last dim."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
@@ -97,7 +98,7 @@ def select_stratified(scores, valid, k, n_valid, num_strata, generator):
     sizes = q + (strata < r).to(q.dtype)
     big = r * (q + 1)  # rows in the first r (larger) strata
     stratum = torch.where(rank < big, rank // (q + 1), r + (rank - big) // q.clamp(min=1))
-    stratum = torch.where(valid, stratum, torch.full_like(stratum, num_strata))
+    stratum = torch.where(valid, stratum, num_strata)
     shares = stratum_shares(k, sizes)
     # Inside a stratum, a random key order picks a uniform subset of the wanted size.
     key = stratum.to(torch.float64) + _uniform(scores.numel(), scores.device, generator)
@@ -112,20 +113,13 @@ def select_stratified(scores, valid, k, n_valid, num_strata, generator):
 
 def select_sequence_aware(scores, valid, k, seq_shape, min_tokens_per_sequence):
     batch, seq_len = seq_shape
-    per_seq_rank = hardness_rank_rows(scores.view(batch, seq_len), valid.view(batch, seq_len))
+    per_seq_rank = hardness_rank(scores.view(batch, seq_len), valid.view(batch, seq_len))
     forced = valid & (per_seq_rank.reshape(-1) < min_tokens_per_sequence)
     extra_budget = (k - forced.sum()).clamp(min=0)
     rest = valid & ~forced
     extra = rest & (hardness_rank(scores, rest) < extra_budget)
     mask = forced | extra
     return mask, mask.to(scores.dtype)
-
-
-def hardness_rank_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """:func:`hardness_rank` applied to each row of a ``[B, T]`` tensor independently."""
-    order = torch.sort(_ranking_key(scores, valid), dim=1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:

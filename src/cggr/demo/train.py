@@ -91,13 +91,13 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
     criterion = None
     if not arm.full:
         criterion = CGGRLoss(min_tokens_ratio=arm.ratio, warmup_steps=int(config.curriculum_fraction * config.steps),
-                             scoring=arm.scoring, selection=arm.selection, check_targets=False,
+                             scoring=arm.scoring, selection=arm.selection, check_targets=False, return_info=True,
                              generator=torch.Generator(device=device).manual_seed(seed + 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     curve: List[Dict] = []
     train_seconds = loss_seconds = 0.0
-    tokens_carried = 0
+    tokens_carried = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
@@ -110,9 +110,10 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
         loss_start = time.perf_counter()
         if criterion is None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            kept = targets.numel()
+            tokens_carried += targets.numel()
         else:
-            loss = criterion(logits, targets)
+            loss, info = criterion(logits, targets)
+            tokens_carried += info.n_selected
         # Two-stage backward, so the loss's own forward+backward can be timed on its own.
         (grad_logits,) = torch.autograd.grad(loss, logits)
         _sync(device)
@@ -122,12 +123,10 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if criterion is not None:
-            kept = criterion.get_metrics()["tokens_selected"]
             criterion.step()
         _sync(device)
         if step > 0:
             train_seconds += time.perf_counter() - start
-        tokens_carried += kept
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             point = {"step": step + 1, "seconds": train_seconds, **evaluate(model, eval_batches, frequent)}
             curve.append(point)
@@ -141,7 +140,7 @@ def train_arm(arm: Arm, model_config: GPTConfig, train_stream: torch.Tensor, eva
         "held_out_loss": final["loss"],
         "perplexity": math.exp(min(final["loss"], 50.0)),
         **{key: final[key] for key in ("loss_frequent", "loss_rare") if key in final},
-        "tokens_carried_loss": tokens_carried,
+        "tokens_carried_loss": int(tokens_carried),
         "tokens_seen": config.steps * config.batch * model_config.seq_len,
         "step_ms": 1e3 * train_seconds / max(1, config.steps - 1),  # first step excluded
         "loss_ms": 1e3 * loss_seconds / max(1, config.steps - 1),

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..core import LossOptions, RatioSpec, select_and_reduce
+from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce
 from ..info import CGGRInfo
 from ..scoring import RowStats, needed_stats
 
@@ -71,10 +71,12 @@ class _HeadGrads:
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.acc_dtype)
 
-    def result(self, scale: torch.Tensor, weight_dtype, bias_dtype):
-        """(grad_hidden, grad_weight, grad_bias) times ``scale`` (the upstream gradient)."""
+    def result(self, weight_dtype, bias_dtype, scale: Optional[torch.Tensor] = None):
+        """(grad_hidden, grad_weight, grad_bias), times ``scale`` (the upstream gradient) if given."""
         def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
-            return None if grad is None else grad.mul_(scale.to(grad.dtype)).to(dtype)
+            if grad is None:
+                return None
+            return (grad if scale is None else grad.mul_(scale.to(grad.dtype))).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
         return scaled(self.hidden, hidden_dtype), scaled(self.weight_grad, weight_dtype), scaled(self.bias, bias_dtype)
 
@@ -98,15 +100,17 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if grads_now:
             grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                fp32_grad_accumulation)
-            # The coefficient SPEC.md §5 gives every row when all valid rows are selected.
-            denominator = valid.sum().clamp(min=1) if opts.reduction == "mean" else torch.ones((), device=valid.device)
+            # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
+            n_valid = valid.sum()
+            denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
             chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], needed)
             stats_parts.append(torch.stack(chunk_stats, 1))
             if grads_now:
-                coef = valid[rows].to(chunk_stats.lse.dtype) / denominator
+                coef = valid[rows].to(chunk_stats.lse.dtype)
+                coef = coef if denominator is None else coef / denominator.to(coef.dtype)
                 grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows],
                                                   opts.label_smoothing, opts.z_loss, out=logits)[0]
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
@@ -129,7 +133,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         bias_dtype = bias.dtype if bias is not None else None
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
-            return (*grads.result(grad_loss, weight.dtype, bias_dtype), *([None] * 8))
+            return (*grads.result(weight.dtype, bias_dtype, scale=grad_loss), *([None] * 8))
         opts = ctx.opts
         coef = coef * grad_loss.to(coef.dtype)
         # Selected rows first (stable, so in index order); the padding rows after them
@@ -146,7 +150,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             )[0]
             grads.add(index, h, grad_logits)
             del logits, grad_logits
-        return (*grads.result(torch.ones((), device=weight.device), weight.dtype, bias_dtype), *([None] * 8))
+        return (*grads.result(weight.dtype, bias_dtype), *([None] * 8))
 
 
 def _chunks(n_rows: int, chunk_rows: int):

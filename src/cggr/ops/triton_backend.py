@@ -13,13 +13,14 @@ import triton
 
 from ..scoring import NeededStats, RowStats
 from . import triton_interpreting
+from .reference import compute_dtype
 from .triton_kernels import logits_grad_kernel, row_stats_kernel
 
 _N_STATS = len(RowStats._fields)
 
 
-# (BLOCK_V, num_warps[, prefetch]) chosen on an H100 with bench/tune_kernels.py.
-_STATS_CONFIG = (1024, 2, 1)
+# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py.
+_STATS_CONFIG = (1024, 2)
 _GRAD_CONFIG = (16384, 16)
 
 
@@ -33,23 +34,15 @@ def launch_config(vocab_size: int, kind: str) -> dict:
     """Launch parameters of the ``'stats'`` or ``'grad'`` kernel. The interpreter costs per
     loop iteration, so it gets one large block."""
     interpreting = triton_interpreting()
-    if kind == "stats":
-        block, warps, prefetch = _env_override("CGGR_STATS_CONFIG", _STATS_CONFIG)
-        config = {"PREFETCH": bool(prefetch)}
-    else:
-        block, warps = _env_override("CGGR_GRAD_CONFIG", _GRAD_CONFIG)
-        config = {}
+    block, warps = _env_override("CGGR_STATS_CONFIG" if kind == "stats" else "CGGR_GRAD_CONFIG",
+                                 _STATS_CONFIG if kind == "stats" else _GRAD_CONFIG)
     if interpreting:
-        return dict(config, BLOCK_V=min(triton.next_power_of_2(vocab_size), 1 << 16))
-    return dict(config, BLOCK_V=min(triton.next_power_of_2(vocab_size), block), num_warps=warps)
+        return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), 1 << 16)}
+    return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), block), "num_warps": warps}
 
 
 def _acc_dtype(dtype: torch.dtype):
     return triton.language.float64 if dtype == torch.float64 else triton.language.float32
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _device_guard(tensor: torch.Tensor):
@@ -60,7 +53,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                need_sum_sq: bool) -> torch.Tensor:
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
-    stats = torch.empty(n_rows, _N_STATS, dtype=_stats_dtype(logits.dtype), device=logits.device)
+    stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return stats
     with _device_guard(logits):
@@ -82,7 +75,7 @@ def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
 
 @row_stats_op.register_fake
 def _(logits, targets, valid, need_second=True, need_sum_sq=True):
-    return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=_stats_dtype(logits.dtype))
+    return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
 def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss):
@@ -101,12 +94,20 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
         )
 
 
-@torch.library.custom_op("cggr::logits_grad", mutates_args=())
-def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                   mask: torch.Tensor, label_smoothing: float, z_loss: float) -> torch.Tensor:
+def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss)
     return grad
+
+
+def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss):
+    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
+
+
+@torch.library.custom_op("cggr::logits_grad", mutates_args=())
+def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                   mask: torch.Tensor, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss)
 
 
 @logits_grad_op.register_fake
@@ -118,7 +119,7 @@ def _(logits, targets, lse, coef, mask, label_smoothing, z_loss):
 def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                            mask: torch.Tensor, label_smoothing: float, z_loss: float) -> None:
     """Like ``logits_grad`` but overwrites ``logits`` (each row is read before it is written)."""
-    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
+    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss)
 
 
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
@@ -135,15 +136,10 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=N
     lse = lse.contiguous()
     compiling = torch.compiler.is_compiling()
     if out is None:
-        if compiling:
-            return logits_grad_op(logits, targets, lse, coef, mask, label_smoothing, z_loss)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss)
-        return grad
+        compute = logits_grad_op if compiling else _new_logits_grad
+        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss)
     if out is not logits:  # an identity test, which torch.compile can trace (data_ptr() it cannot)
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
-    if compiling:
-        logits_grad_inplace_op(logits, targets, lse, coef, mask, label_smoothing, z_loss)
-    else:
-        _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
+    overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
+    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss)
     return logits
