@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cggr.functional import cggr_cross_entropy
 from cggr.scoring import SCORINGS
 from cggr.selection import SELECTIONS
 from helpers import assert_backends_agree, loss_and_grad, make_batch
@@ -63,9 +64,34 @@ def test_inplace_backward_writes_into_logits():
     logits, targets = make_batch((4, 5), 21, torch.float32, seed=4)
     _, expected, _ = loss_and_grad(logits, targets, 0.5, backend="triton")
     buffer = logits.clone().requires_grad_(True)
-    from cggr.functional import cggr_cross_entropy
-
     loss = cggr_cross_entropy(buffer, targets, 0.5, backend="triton", inplace_backward=True)
     loss.backward()
     torch.testing.assert_close(buffer.grad, expected)
     assert buffer.grad.data_ptr() == buffer.data_ptr() or torch.equal(buffer.detach(), expected)
+
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_info_is_optional_work(backend):
+    """Without return_info the info fields are never computed; loss and gradient are the same."""
+    logits, targets = make_batch((3, 7), 50, torch.float32, seed=5)
+    expected_loss, expected_grad, _ = loss_and_grad(logits, targets, 0.3, backend=backend, label_smoothing=0.1)
+    x = logits.clone().requires_grad_(True)
+    loss = cggr_cross_entropy(x, targets, 0.3, backend=backend, label_smoothing=0.1)
+    loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("upstream_shape", [(), (3, 7)])
+def test_upstream_gradient_is_folded_in(upstream_shape):
+    """The kernel scales by the upstream gradient: one value, or one per row for reduction='none'."""
+    logits, targets = make_batch((3, 7), 50, torch.float32, seed=6)
+    upstream = torch.rand(upstream_shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    reduction = "none" if upstream_shape else "mean"
+    grads = []
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_(True)
+        cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction).backward(upstream)
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from .info import CGGRInfo
-from .scoring import RowStats, difficulty, nll, row_loss
+from .scoring import RowStats, nll
 from .selection import ratio_tensor, select_rows
 
 RatioSpec = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -36,7 +36,8 @@ class LossOptions:
 class Reduced(NamedTuple):
     loss: torch.Tensor  # 0-d, or [N] for reduction='none'
     coef: torch.Tensor  # [N]: d loss / d row loss, 0 on unselected rows
-    info: CGGRInfo  # flat [N] per-row fields
+    mask: torch.Tensor  # [N] bool: the selected rows
+    info: Optional[CGGRInfo]  # flat [N] per-row fields; None unless asked for
 
 
 def mean_denominator(opts: LossOptions, n_valid: torch.Tensor, n_selected: torch.Tensor) -> Optional[torch.Tensor]:
@@ -54,60 +55,64 @@ def reduce_rows(weighted: torch.Tensor, opts: LossOptions, n_valid: torch.Tensor
         return weighted
     total = weighted.sum()
     denominator = mean_denominator(opts, n_valid, n_selected)
-    return total if denominator is None else total / denominator.to(total.dtype)
+    return total if denominator is None else total / denominator  # int64 divisor: the result stays float
 
 
 def mean_confidence(stats: RowStats, valid: torch.Tensor) -> torch.Tensor:
     """Mean of p1 over valid rows whose statistics are finite (0-d, on device)."""
     counted = valid & ~torch.isnan(stats.max_prob)
-    total = torch.where(counted, stats.max_prob, torch.zeros_like(stats.max_prob)).sum()
+    total = torch.where(counted, stats.max_prob, 0.0).sum()
     return total / counted.sum().clamp(min=1)
 
 
 def select_and_reduce(
     stats: RowStats,
     valid: torch.Tensor,
-    vocab_size: int,
     ratio: RatioSpec,
     opts: LossOptions,
     seq_shape: Optional[tuple] = None,
+    with_info: bool = True,
 ) -> Reduced:
-    """Score, select and reduce. All inputs and outputs are device tensors; no host sync.
+    """Select over ``stats.score`` and reduce ``stats.loss``. All inputs and outputs are device
+    tensors; no host sync. Every op here is a kernel launch, which is what a small batch pays
+    for, so the info fields are only computed ``with_info``.
 
     ``ratio`` may be a callable taking the mean confidence (0-d) and returning the ratio:
     that is how the dynamic threshold sees this batch before selecting from it.
     """
-    zero = torch.zeros_like(stats.lse)
-    scores = torch.where(valid, difficulty(stats, opts.scoring, vocab_size), zero)
     if callable(ratio):
         ratio = ratio(mean_confidence(stats, valid))
+    n_valid = valid.sum()
     mask, weight = select_rows(
-        scores,
+        stats.score,
         valid,
         ratio,
+        n_valid=n_valid,
         selection=opts.selection,
         seq_shape=seq_shape,
         num_strata=opts.num_strata,
         min_tokens_per_sequence=opts.min_tokens_per_sequence,
         generator=opts.generator,
     )
-    losses = torch.where(valid, row_loss(stats, opts.label_smoothing, opts.z_loss, vocab_size), zero)
-    weighted = torch.where(mask, weight * losses, zero)
-    n_valid = valid.sum()
+    # where, not a product: an unselected row may hold a NaN loss.
+    weighted = torch.where(mask, weight * stats.loss, 0.0)
     n_selected = mask.sum()
     loss = reduce_rows(weighted, opts, n_valid, n_selected)
     denominator = mean_denominator(opts, n_valid, n_selected)
-    coef = weight if denominator is None else weight / denominator.to(weight.dtype)
-    info = CGGRInfo(
-        mask=mask,
-        weight=weight,
-        difficulty=scores,
-        confidence=torch.where(valid, stats.max_prob, zero),
-        entropy=torch.where(valid, stats.entropy, zero),
-        nll=torch.where(valid, nll(stats), zero),
-        ratio=ratio_tensor(ratio, scores.device),
-        n_selected=n_selected,
-        n_valid=n_valid,
-        full_loss=losses.sum() / n_valid.clamp(min=1).to(losses.dtype),
-    )
-    return Reduced(loss, coef, info)
+    coef = weight if denominator is None else weight / denominator
+    info = None
+    if with_info:
+        # The statistics are already 0 on invalid rows.
+        info = CGGRInfo(
+            mask=mask,
+            weight=weight,
+            difficulty=stats.score,
+            confidence=stats.max_prob,
+            entropy=stats.entropy,
+            nll=nll(stats),
+            ratio=ratio_tensor(ratio, stats.score.device),
+            n_selected=n_selected,
+            n_valid=n_valid,
+            full_loss=stats.loss.sum() / n_valid.clamp(min=1),
+        )
+    return Reduced(loss, coef, mask, info)

@@ -10,7 +10,6 @@ from . import _validation as check
 from .core import reduce_rows, select_and_reduce
 from .functional import prepare, run_cross_entropy
 from .info import CGGRInfo
-from .scoring import needed_stats
 from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
 
 
@@ -124,8 +123,8 @@ class CGGRLoss(nn.Module):
         flat_targets = targets.reshape(-1)
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
-            stats = backend.row_stats(rows.detach()[None], flat_targets, valid, needed_stats(opts.scoring))
-            info = select_and_reduce(stats, valid, rows.shape[-1], ratio, opts, seq_shape).info
+            stats = backend.row_stats(rows.detach()[None], flat_targets, valid, opts)
+            info = select_and_reduce(stats, valid, ratio, opts, seq_shape).info
         index = info.mask.nonzero().squeeze(1)
         chosen = self.base_loss(rows.index_select(0, index), flat_targets.index_select(0, index))
         chosen = chosen.reshape(-1) * info.weight.index_select(0, index).to(chosen.dtype)

@@ -16,7 +16,8 @@ SCORINGS = ("entropy", "margin", "loss", "combined", "gradnorm")
 class RowStats(NamedTuple):
     """One value per row, float32 (float64 for float64 logits), 0 on invalid rows.
 
-    A row holding NaN or +inf has every field NaN.
+    A row holding NaN or +inf has every field NaN. ``score`` and ``loss`` depend on the
+    options (scoring, label smoothing, z-loss); :func:`with_score_and_loss` defines them.
     """
 
     lse: torch.Tensor  # logsumexp(x)
@@ -26,22 +27,19 @@ class RowStats(NamedTuple):
     second_prob: torch.Tensor  # p2 (== p1 when the maximum is shared)
     sum_sq_other_prob: torch.Tensor  # sum over j != y of p_j^2 (gradnorm without cancellation)
     sum_logits: torch.Tensor  # sum x
+    score: torch.Tensor  # difficulty (SPEC.md §3)
+    loss: torch.Tensor  # per-row loss l_i (SPEC.md §5)
 
     @classmethod
     def from_columns(cls, columns: torch.Tensor) -> "RowStats":
-        """Split an ``[N, 7]`` tensor (fields in declaration order) into a RowStats."""
+        """Split an ``[N, 9]`` tensor (fields in declaration order) into a RowStats."""
         return cls(*columns.unbind(dim=1))
 
 
-class NeededStats(NamedTuple):
-    """Which optional RowStats fields a scoring reads; a backend may leave the others 0."""
-
-    second_prob: bool
-    sum_sq_other_prob: bool
-
-
-def needed_stats(scoring: str) -> NeededStats:
-    return NeededStats(second_prob=scoring in ("margin", "combined"), sum_sq_other_prob=scoring == "gradnorm")
+def scoring_reads(scoring: str):
+    """(second_prob, sum_sq_other_prob): which optional fields ``scoring`` reads; a backend may
+    leave the others 0."""
+    return scoring in ("margin", "combined"), scoring == "gradnorm"
 
 
 def nll(stats: RowStats) -> torch.Tensor:
@@ -83,3 +81,13 @@ def row_loss(stats: RowStats, label_smoothing: float, z_loss: float, vocab_size:
     if z_loss:
         loss = loss + z_loss * stats.lse.square()
     return loss
+
+
+def with_score_and_loss(stats: RowStats, valid: torch.Tensor, scoring: str, label_smoothing: float,
+                        z_loss: float, vocab_size: int) -> RowStats:
+    """``stats`` with ``score`` and ``loss`` filled in (0 on invalid rows). The Triton kernel
+    computes the same two fields in its epilogue."""
+    return stats._replace(
+        score=torch.where(valid, difficulty(stats, scoring, vocab_size), 0.0),
+        loss=torch.where(valid, row_loss(stats, label_smoothing, z_loss, vocab_size), 0.0),
+    )

@@ -30,7 +30,8 @@ def ratio_tensor(ratio: Ratio, device: torch.device) -> torch.Tensor:
 def token_budget(ratio: Ratio, n_valid: torch.Tensor) -> torch.Tensor:
     """k = max(1, ceil(ratio * n_valid - 1e-6)) in float64, 0 when n_valid == 0. int64 0-d."""
     n = n_valid.to(torch.float64)
-    k = (n * ratio_tensor(ratio, n.device) - 1e-6).ceil_().clamp_(min=1.0)
+    scaled = n * (ratio if isinstance(ratio, float) else ratio.to(torch.float64))
+    k = (scaled - 1e-6).ceil_().clamp_(min=1.0)
     # min(., n) is 0 when there is no valid row, and guards a device ratio (not range-checked).
     return torch.minimum(k, n).to(torch.int64)
 
@@ -171,6 +172,7 @@ def select_rows(
     num_strata: int = 4,
     min_tokens_per_sequence: int = 1,
     generator: Optional[torch.Generator] = None,
+    n_valid: Optional[torch.Tensor] = None,
 ):
     """Choose the rows that carry loss.
 
@@ -179,12 +181,13 @@ def select_rows(
         valid: ``[N]`` bool, rows whose target is not ``ignore_index``.
         ratio: float in (0, 1] or a 0-d tensor.
         seq_shape: ``(B, T)`` for ``sequence_aware``.
+        n_valid: ``valid.sum()`` if the caller has it already.
 
     Returns:
         ``(mask, weight)``: ``[N]`` bool and ``[N]`` float (0 where not selected;
         ``1 / pi`` for ``importance``, else 1).
     """
-    n_valid = valid.sum()
+    n_valid = valid.sum() if n_valid is None else n_valid
     k = token_budget(ratio, n_valid)
     if selection == "topk":
         return select_topk(scores, valid, k)

@@ -2,9 +2,9 @@
 
 A backend is any object with
 
-* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], needed: NeededStats) -> RowStats``
-* ``logits_grad(logits [B, T, V], targets, lse, coef, mask, label_smoothing, z_loss, out=None)
-  -> [B, T, V]`` that is exactly 0 on rows where ``mask`` is False.
+* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions) -> RowStats``
+* ``logits_grad(logits [B, T, V], targets, lse, coef, mask, label_smoothing, z_loss,
+  grad_scale=None, out=None) -> [B, T, V]`` that is exactly 0 on rows where ``mask`` is False.
 """
 from __future__ import annotations
 
@@ -15,64 +15,88 @@ import torch
 
 from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce
 from ..info import CGGRInfo
-from ..scoring import RowStats, needed_stats
+from ..scoring import RowStats
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
+
+
+def _outputs(ctx, reduced):
+    """(loss, *info fields if computed); the info is not differentiable."""
+    if reduced.info is None:
+        return reduced.loss
+    info = tuple(getattr(reduced.info, name) for name in _INFO_FIELDS)
+    ctx.mark_non_differentiable(*info)
+    return (reduced.loss, *info)
+
+
+def _unpack(outputs, with_info: bool):
+    if not with_info:
+        return outputs, None
+    loss, *info = outputs
+    return loss, CGGRInfo(**dict(zip(_INFO_FIELDS, info)))
 
 
 class CGGRCrossEntropyFunction(torch.autograd.Function):
     """loss = CGGR(logits); backward writes the gradient of selected rows only."""
 
     @staticmethod
-    def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape):
+    def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape, with_info: bool):
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, needed_stats(opts.scoring))
-        reduced = select_and_reduce(stats, valid, logits.shape[-1], ratio, opts, seq_shape)
+        stats = backend.row_stats(logits, targets, valid, opts)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
         ctx.backend, ctx.opts = backend, opts
-        ctx.save_for_backward(logits, targets, stats.lse, reduced.info.mask, reduced.coef)
-        info = tuple(getattr(reduced.info, name) for name in _INFO_FIELDS)
-        ctx.mark_non_differentiable(*info)
-        return (reduced.loss, *info)
+        ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
+        return _outputs(ctx, reduced)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
         logits, targets, lse, mask, coef = ctx.saved_tensors
         opts = ctx.opts
-        coef = coef * grad_loss.to(coef.dtype)  # 0-d upstream broadcasts; 'none' is [N]
         grad = ctx.backend.logits_grad(
-            logits, targets, lse, coef, mask, opts.label_smoothing, opts.z_loss,
+            logits, targets, lse, coef, mask, opts.label_smoothing, opts.z_loss, grad_scale=grad_loss,
             out=logits if opts.inplace_backward else None,
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_shape):
-    """Run the Function; returns ``(loss, CGGRInfo)`` with flat per-row info."""
-    loss, *info = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, backend, ratio, opts, seq_shape)
-    return loss, CGGRInfo(**dict(zip(_INFO_FIELDS, info)))
+def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_shape, with_info=True):
+    """Run the Function; returns ``(loss, CGGRInfo or None)`` with flat per-row info."""
+    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, backend, ratio, opts, seq_shape, with_info)
+    return _unpack(outputs, with_info)
 
 
 class _HeadGrads:
-    """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients."""
+    """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients.
 
-    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, fp32):
+    The first chunk's weight and bias gradients are written, not added to zeros: a zero fill
+    of ``[V, H]`` costs as much as reading it."""
+
+    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, fp32, every_row=False):
         self.acc_dtype = torch.float32 if fp32 else weight.dtype
-        self.weight = weight
-        self.hidden = torch.zeros_like(hidden) if need_hidden else None
-        self.weight_grad = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device) if need_weight else None
-        self.bias = torch.zeros(weight.shape[0], dtype=self.acc_dtype, device=weight.device) if has_bias else None
+        self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
+        # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill.
+        self.hidden = None if not need_hidden else (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden))
+        self.weight_grad = self.bias = None
 
     def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
         """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
         if self.hidden is not None:
             self.hidden.index_copy_(0, index, grad_logits @ self.weight)
-        if self.weight_grad is not None:
-            self.weight_grad.addmm_(grad_logits.t().to(self.acc_dtype), h.to(self.acc_dtype))
-        if self.bias is not None:
-            self.bias += grad_logits.sum(0, dtype=self.acc_dtype)
+        if self.need_weight:
+            g, x = grad_logits.t().to(self.acc_dtype), h.to(self.acc_dtype)
+            self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
+        if self.has_bias:
+            column_sums = grad_logits.sum(0, dtype=self.acc_dtype)
+            self.bias = column_sums if self.bias is None else self.bias.add_(column_sums)
 
     def result(self, weight_dtype, bias_dtype, scale: Optional[torch.Tensor] = None):
         """(grad_hidden, grad_weight, grad_bias), times ``scale`` (the upstream gradient) if given."""
+        vocab_size = self.weight.shape[0]
+        if self.need_weight and self.weight_grad is None:  # no row was selected
+            self.weight_grad = self.weight.new_zeros(self.weight.shape, dtype=self.acc_dtype)
+        if self.has_bias and self.bias is None:
+            self.bias = self.weight.new_zeros(vocab_size, dtype=self.acc_dtype)
+
         def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
             if grad is None:
                 return None
@@ -93,39 +117,36 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
-                chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool):
+                chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool, with_info: bool):
         valid = targets != opts.ignore_index
-        needed = needed_stats(opts.scoring)
         grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
         if grads_now:
             grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                               fp32_grad_accumulation)
+                               fp32_grad_accumulation, every_row=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
-            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], needed)
+            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts)
             stats_parts.append(torch.stack(chunk_stats, 1))
             if grads_now:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
-                coef = coef if denominator is None else coef / denominator.to(coef.dtype)
+                coef = coef if denominator is None else coef / denominator
                 grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows],
                                                   opts.label_smoothing, opts.z_loss, out=logits)[0]
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
             del logits
         stats = RowStats.from_columns(torch.cat(stats_parts))
-        reduced = select_and_reduce(stats, valid, weight.shape[0], ratio, opts, seq_shape)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.fp32 = chunk_rows, max_selected, fp32_grad_accumulation
         ctx.has_bias = bias is not None
         ctx.grads = grads if grads_now else None
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.info.mask, reduced.coef)
-        info = tuple(getattr(reduced.info, name) for name in _INFO_FIELDS)
-        ctx.mark_non_differentiable(*info)
-        return (reduced.loss, *info)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
+        return _outputs(ctx, reduced)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
@@ -133,7 +154,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         bias_dtype = bias.dtype if bias is not None else None
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
-            return (*grads.result(weight.dtype, bias_dtype, scale=grad_loss), *([None] * 8))
+            return (*grads.result(weight.dtype, bias_dtype, scale=grad_loss), *([None] * 9))
         opts = ctx.opts
         coef = coef * grad_loss.to(coef.dtype)
         # Selected rows first (stable, so in index order); the padding rows after them
@@ -150,7 +171,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             )[0]
             grads.add(index, h, grad_logits)
             del logits, grad_logits
-        return (*grads.result(weight.dtype, bias_dtype), *([None] * 8))
+        return (*grads.result(weight.dtype, bias_dtype), *([None] * 9))
 
 
 def _chunks(n_rows: int, chunk_rows: int):
@@ -163,9 +184,9 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-                                    chunk_rows, max_selected, fp32_grad_accumulation):
-    loss, *info = CGGRLinearCrossEntropyFunction.apply(
+                                    chunk_rows, max_selected, fp32_grad_accumulation, with_info=True):
+    outputs = CGGRLinearCrossEntropyFunction.apply(
         hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-        chunk_rows, max_selected, fp32_grad_accumulation,
+        chunk_rows, max_selected, fp32_grad_accumulation, with_info,
     )
-    return loss, CGGRInfo(**dict(zip(_INFO_FIELDS, info)))
+    return _unpack(outputs, with_info)

@@ -9,9 +9,10 @@ from typing import Optional
 
 import torch
 
-from ..scoring import RowStats
+from ..scoring import RowStats, with_score_and_loss
 
 _CHUNK_ELEMENTS = 1 << 24
+_N_BASE = 7  # the RowStats fields every scoring shares; score and loss follow
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,7 +30,7 @@ def _safe_targets(targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``x`` [C, V] in the compute dtype -> ``[C, 7]`` columns in RowStats order."""
+    """``x`` [C, V] in the compute dtype -> ``[C, 7]``: the first seven RowStats fields."""
     lse = torch.logsumexp(x, dim=1)
     log_p = x - lse[:, None]
     p = torch.exp(log_p)
@@ -53,20 +54,21 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(non_finite[:, None], torch.full_like(columns, float("nan")), columns)
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, needed=None) -> RowStats:
-    """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid ``[B*T]``.
-    Returns float32 (float64 for float64 logits), 0 on invalid rows. Computes every field,
-    whatever ``needed`` says."""
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts) -> RowStats:
+    """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid ``[B*T]``;
+    ``opts`` a LossOptions (its scoring, label smoothing and z-loss give score and loss).
+    Returns float32 (float64 for float64 logits), 0 on invalid rows; computes every field."""
     vocab_size = logits.shape[-1]
     logits = logits.reshape(-1, vocab_size)
     n_rows = logits.shape[0]
     dtype = compute_dtype(logits.dtype)
     safe = _safe_targets(targets, valid)
-    columns = torch.empty(n_rows, 7, dtype=dtype, device=logits.device)
+    columns = torch.zeros(n_rows, len(RowStats._fields), dtype=dtype, device=logits.device)
     for rows in _row_chunks(n_rows, vocab_size):
-        columns[rows] = _chunk_stats(logits[rows].to(dtype), safe[rows])
+        columns[rows, :_N_BASE] = _chunk_stats(logits[rows].to(dtype), safe[rows])
     columns = torch.where(valid[:, None], columns, torch.zeros_like(columns))
-    return RowStats.from_columns(columns)
+    return with_score_and_loss(RowStats.from_columns(columns), valid, opts.scoring, opts.label_smoothing,
+                               opts.z_loss, vocab_size)
 
 
 def logits_grad(
@@ -77,11 +79,13 @@ def logits_grad(
     mask: torch.Tensor,
     label_smoothing: float,
     z_loss: float,
+    grad_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """d loss / d logits (SPEC.md §5), exactly 0 on rows where ``mask`` is False.
 
-    logits ``[B, T, V]``; ``coef`` [B*T] holds upstream grad x reduction scale x row weight.
+    logits ``[B, T, V]``; ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale``
+    (0-d or [B*T], None for 1) the upstream gradient.
     ``out`` (may be ``logits`` itself, for the in-place backward) receives the result.
     """
     shape, vocab_size = logits.shape, logits.shape[-1]
@@ -89,6 +93,8 @@ def logits_grad(
     n_rows = logits.shape[0]
     dtype = compute_dtype(logits.dtype)
     safe = _safe_targets(targets, mask)
+    if grad_scale is not None:
+        coef = coef * grad_scale.to(coef.dtype)
     # Write straight into ``out`` when its rows can be viewed flat; else copy at the end.
     flat_out = out is not None and out.reshape(-1, vocab_size).data_ptr() == out.data_ptr() and out.is_contiguous()
     result = out.view(-1, vocab_size) if flat_out else torch.empty_like(logits)

@@ -5,13 +5,15 @@ Imported lazily (on first use of a CUDA tensor or ``backend='triton'``).
 """
 from __future__ import annotations
 
+import math
 import os
+import struct
 from typing import Optional
 
 import torch
 import triton
 
-from ..scoring import NeededStats, RowStats
+from ..scoring import SCORINGS, RowStats, scoring_reads
 from . import triton_interpreting
 from .reference import compute_dtype
 from .triton_kernels import logits_grad_kernel, row_stats_kernel
@@ -49,97 +51,116 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else torch.device(tensor.device)
 
 
-def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool,
-               need_sum_sq: bool) -> torch.Tensor:
+def _hi_lo(value: float):
+    """``value`` as two float32 kernel arguments whose sum holds it to ~48 bits (a Python float
+    argument reaches a Triton kernel as float32, too coarse for float64 rows)."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32: the kernel sees inf either way
+        return value, 0.0
+    return hi, (value - hi if math.isfinite(hi) else 0.0)
+
+
+def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scoring: str,
+               label_smoothing: float, z_loss: float) -> torch.Tensor:
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return stats
+    need_second, need_sum_sq = scoring_reads(scoring)
     with _device_guard(logits):
         row_stats_kernel[(n_rows,)](
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
-            ACC_DTYPE=_acc_dtype(logits.dtype), NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq,
-            **launch_config(vocab_size, "stats"),
+            *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
+            NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, **launch_config(vocab_size, "stats"),
         )
     return stats
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
-def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_second: bool = True,
-                 need_sum_sq: bool = True) -> torch.Tensor:
-    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 7]`` statistics (RowStats order);
-    the optional fields not asked for are 0."""
-    return _row_stats(logits, targets, valid, need_second, need_sum_sq)
+def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scoring: str,
+                 label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
+    the optional fields ``scoring`` does not read are 0."""
+    return _row_stats(logits, targets, valid, scoring, label_smoothing, z_loss)
 
 
 @row_stats_op.register_fake
-def _(logits, targets, valid, need_second=True, need_sum_sq=True):
+def _(logits, targets, valid, scoring, label_smoothing, z_loss):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
-def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss):
+def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale):
     batch, seq_len, vocab_size = logits.shape
     if batch * seq_len == 0:
         return
-    # Filled on the device: assigning a Python number into a CUDA tensor would be a blocking
-    # host-to-device copy (a sync, and not capturable in a CUDA graph).
-    params = torch.full((2,), label_smoothing, dtype=lse.dtype, device=logits.device)
-    params[1:].fill_(z_loss)
+    scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
     with _device_guard(logits):
         logits_grad_kernel[(batch * seq_len,)](
-            logits, grad, targets, lse, coef, mask, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), vocab_size, params,
-            ACC_DTYPE=_acc_dtype(logits.dtype), **launch_config(vocab_size, "grad"),
+            logits, grad, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
+            grad.stride(0), grad.stride(1), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
+            **launch_config(vocab_size, "grad"),
         )
 
 
-def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss):
+def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
+    """0: no upstream gradient (1), 1: one value, 2: one per row."""
+    return 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
+
+
+def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss)
+    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
     return grad
 
 
-def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss):
-    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss)
+def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
+    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
 
 
 @torch.library.custom_op("cggr::logits_grad", mutates_args=())
 def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                   mask: torch.Tensor, label_smoothing: float, z_loss: float) -> torch.Tensor:
-    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+                   mask: torch.Tensor, label_smoothing: float, z_loss: float,
+                   grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
 
 
 @logits_grad_op.register_fake
-def _(logits, targets, lse, coef, mask, label_smoothing, z_loss):
+def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("cggr::logits_grad_", mutates_args=("logits",))
 def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                           mask: torch.Tensor, label_smoothing: float, z_loss: float) -> None:
+                           mask: torch.Tensor, label_smoothing: float, z_loss: float,
+                           grad_scale: Optional[torch.Tensor] = None) -> None:
     """Like ``logits_grad`` but overwrites ``logits`` (each row is read before it is written)."""
-    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
 
 
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
 # it); under torch.compile the ops are what gets traced, so there is no graph break.
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-              needed: Optional[NeededStats] = None) -> RowStats:
-    needed = needed or NeededStats(True, True)
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts) -> RowStats:
+    """See :func:`cggr.ops.reference.row_stats`."""
     compute = row_stats_op if torch.compiler.is_compiling() else _row_stats
-    return RowStats.from_columns(compute(logits, targets, valid, *needed))
+    return RowStats.from_columns(compute(logits, targets, valid, opts.scoring, opts.label_smoothing, opts.z_loss))
 
 
-def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, out=None):
+def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, out=None):
+    """See :func:`cggr.ops.reference.logits_grad`."""
     coef = coef.to(lse.dtype).contiguous()
     lse = lse.contiguous()
+    if grad_scale is not None:
+        grad_scale = grad_scale.contiguous()
     compiling = torch.compiler.is_compiling()
     if out is None:
         compute = logits_grad_op if compiling else _new_logits_grad
-        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
     if out is not logits:  # an identity test, which torch.compile can trace (data_ptr() it cannot)
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
-    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss)
+    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
     return logits

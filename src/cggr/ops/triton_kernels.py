@@ -37,12 +37,15 @@ def _absorb_block(x, offs, target, m, s_acc, t_acc, q_acc, top1, top2,
 @triton.jit
 def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
-    seq_len, stride_b, stride_t, vocab_size,
-    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    seq_len, stride_b, stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
 ):
-    """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x); zeros on invalid rows and
-    in the optional fields not asked for (NEED_*), so unused accumulators cost nothing.
+    """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
+    order); zeros on invalid rows, and in the optional fields the scoring does not read, so
+    unused accumulators cost nothing. ``score`` and ``loss`` are the epilogue of
+    :func:`_score_and_loss`; label smoothing and z-loss come as float32 (hi, lo) pairs, so
+    that float64 rows see them at full precision.
 
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
     the end. ``t`` accumulates ``e * (x - m)`` so that the entropy ``log S - t / S`` never
@@ -93,15 +96,70 @@ def row_stats_kernel(
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
 
+    p1 = tl.exp(m - lse)
+    p2 = tl.where(NEED_SECOND, tl.exp(second - lse), 0.0)
+    sum_sq = tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0)
+    score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size,
+                                  _joined(eps_hi, eps_lo, ACC_DTYPE), _joined(z_hi, z_lo, ACC_DTYPE), SCORING)
     keep = valid & (sum_x == sum_x) & (sum_x != float("inf"))  # NaN / +inf rows: all NaN
-    out = stats_ptr + row * 7
+    out = stats_ptr + row * 9
     _store_stat(out + 0, lse, keep, valid)
     _store_stat(out + 1, target_logit, keep, valid)
     _store_stat(out + 2, entropy, keep, valid)
-    _store_stat(out + 3, tl.exp(m - lse), keep, valid)
-    _store_stat(out + 4, tl.where(NEED_SECOND, tl.exp(second - lse), 0.0), keep, valid)
-    _store_stat(out + 5, tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0), keep, valid)
+    _store_stat(out + 3, p1, keep, valid)
+    _store_stat(out + 4, p2, keep, valid)
+    _store_stat(out + 5, sum_sq, keep, valid)
     _store_stat(out + 6, sum_x, keep, valid)
+    _store_stat(out + 7, score, keep, valid)
+    _store_stat(out + 8, loss, keep, valid)
+
+
+# Scoring codes (the order of cggr.scoring.SCORINGS).
+ENTROPY = tl.constexpr(0)
+MARGIN = tl.constexpr(1)
+LOSS = tl.constexpr(2)
+COMBINED = tl.constexpr(3)
+GRADNORM = tl.constexpr(4)
+
+
+@triton.jit
+def _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size, eps, z, SCORING: tl.constexpr):
+    """The row's difficulty (SPEC.md §3) and loss (§5): the same formulas as
+    cggr.scoring.difficulty and cggr.scoring.row_loss, which the tests hold these to."""
+    nll = lse - target_logit
+    miss = -_expm1(target_logit - lse)  # 1 - p_y without cancellation
+    if SCORING == GRADNORM:
+        score = tl.sqrt(miss * miss + sum_sq) / 1.4142135623730951
+    else:
+        by_entropy = (entropy / tl.log(vocab_size.to(lse.dtype)) - p1 + 1.0) / 2.0
+        by_margin = 1.0 - (p1 - p2)
+        if SCORING == ENTROPY:
+            score = by_entropy
+        elif SCORING == MARGIN:
+            score = by_margin
+        elif SCORING == LOSS:
+            score = miss
+        else:
+            score = (by_entropy + by_margin + miss) / 3.0
+    score = tl.where(score != score, score, tl.minimum(tl.maximum(score, 0.0), 1.0))  # NaN stays NaN
+    # Each term only when its factor is non-zero: 0 * inf would make a legal -inf logit NaN.
+    loss = tl.where(eps != 0.0, (1.0 - eps) * nll + eps * (lse - sum_x / vocab_size), nll)
+    loss = tl.where(z != 0.0, loss + z * lse * lse, loss)
+    return score, loss
+
+
+@triton.jit
+def _joined(hi, lo, ACC_DTYPE: tl.constexpr):
+    """A scalar passed as a float32 (hi, lo) pair, in the accumulation dtype."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
+def _expm1(u):
+    """exp(u) - 1 accurate near 0 (Kahan's log trick); libdevice's expm1 does not run in the interpreter."""
+    w = tl.exp(u)
+    near_zero = tl.where(w == 1.0, u, (w - 1.0) * u / tl.log(w))
+    return tl.where(w == 0.0, -1.0, near_zero)
 
 
 @triton.jit
@@ -111,13 +169,13 @@ def _store_stat(ptr, value, keep, valid):
 
 @triton.jit
 def logits_grad_kernel(
-    logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr,
-    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab_size, params_ptr,
-    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
+    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
-    """grad[row] = coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected rows;
-    unselected rows are written with zeros and their logits are never read.
-    ``params_ptr`` holds (eps, z) in the accumulation dtype (a float argument would be fp32)."""
+    """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
+    rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
+    the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
@@ -127,8 +185,12 @@ def logits_grad_kernel(
     target = tl.load(targets_ptr + row).to(tl.int64)
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
-    label_smoothing = tl.load(params_ptr).to(ACC_DTYPE)
-    z_loss = tl.load(params_ptr + 1).to(ACC_DTYPE)
+    if SCALE_MODE == 1:
+        coef *= tl.load(scale_ptr).to(ACC_DTYPE)
+    elif SCALE_MODE == 2:
+        coef *= tl.load(scale_ptr + row).to(ACC_DTYPE)
+    label_smoothing = _joined(eps_hi, eps_lo, ACC_DTYPE)
+    z_loss = _joined(z_hi, z_lo, ACC_DTYPE)
     p_scale = 1.0 + 2.0 * z_loss * lse
     smooth = label_smoothing / vocab_size
     cols = tl.arange(0, BLOCK_V)

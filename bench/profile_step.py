@@ -1,0 +1,105 @@
+"""Where one forward+backward spends its time: host (Python and launches) against GPU kernels.
+
+    python bench/profile_step.py [--linear]
+
+For each case prints the do_bench median (what bench_loss.py reports), the host time per call
+(measured on a tiny vocabulary, so the GPU never holds the host back), the summed GPU kernel
+time per call from the profiler, the kernel count, and the costliest kernels.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
+
+LOSS_CASES = [
+    (8192, 128256, dict(ratio=0.25, scoring="combined")),
+    (8192, 128256, dict(ratio=0.25, scoring="entropy")),
+    (8192, 128256, dict(ratio=1.0, scoring="combined")),
+    (8192, 32000, dict(ratio=0.25, scoring="combined")),
+    (4096, 128256, dict(ratio=0.25, scoring="combined")),
+]
+LINEAR_CASES = [
+    (8192, 4096, 128256, dict(ratio=0.25)),
+    (8192, 4096, 128256, dict(ratio=1.0)),
+    (16384, 896, 151936, dict(ratio=0.25)),
+]
+
+
+def host_ms(step, calls=200):
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def kernel_profile(step, calls=5):
+    """(GPU kernel ms per call, kernels per call, [(name, ms per call)] costliest first)."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    count = sum(e.count for e in kernels) / calls
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
+    return total, count, [(e.key[:60], e.self_device_time_total / 1e3 / calls) for e in top]
+
+
+def report(label, step, tiny_step):
+    ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+    host = host_ms(tiny_step)
+    gpu, count, top = kernel_profile(step)
+    print(f"{label:<44} bench {ms:6.3f}  host {host:6.3f}  gpu {gpu:6.3f} ms in {count:5.1f} kernels")
+    for name, t in top:
+        print(f"      {t:7.3f}  {name}")
+
+
+def loss_step(n, v, kw):
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def step():
+        cggr_cross_entropy(x, t, kw["ratio"], scoring=kw["scoring"], check_targets=False).backward()
+        x.grad = None
+    return step
+
+
+def linear_step(n, h, v, kw):
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) / h ** 0.5).requires_grad_(True)
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def step():
+        cggr_linear_cross_entropy(hidden, weight, t, kw["ratio"], check_targets=False).backward()
+        hidden.grad = weight.grad = None
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--linear", action="store_true", help="also profile the linear path")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for n, v, kw in LOSS_CASES:
+        report(f"loss N={n} V={v} {kw}", loss_step(n, v, kw), loss_step(n, 256, kw))
+        torch.cuda.empty_cache()
+    if args.linear:
+        for n, h, v, kw in LINEAR_CASES:
+            report(f"linear N={n} H={h} V={v} {kw}", linear_step(n, h, v, kw), linear_step(n, 64, 256, kw))
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
