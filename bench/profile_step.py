@@ -87,11 +87,35 @@ def linear_step(n, h, v, kw):
     return step
 
 
+def host_profile(step, calls=200):
+    """Where the host time of ``step`` goes: Python functions, then aten ops and launches."""
+    import cProfile
+    import pstats
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--linear", action="store_true", help="also profile the linear path")
+    parser.add_argument("--host", action="store_true", help="profile the host side of a small loss step")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.host:
+        host_profile(loss_step(8192, 256, LOSS_CASES[0][2]))
     for n, v, kw in LOSS_CASES:
         report(f"loss N={n} V={v} {kw}", loss_step(n, v, kw), loss_step(n, 256, kw))
         torch.cuda.empty_cache()
