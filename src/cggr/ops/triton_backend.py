@@ -100,7 +100,7 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
     with _device_guard(logits):
         logits_grad_kernel[(batch * seq_len,)](
             logits, grad, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            grad.stride(0), grad.stride(1), lse.stride(0), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
             **launch_config(vocab_size, "grad"),
         )
@@ -151,8 +151,7 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
 
 def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, out=None):
     """See :func:`cggr.ops.reference.logits_grad`."""
-    coef = coef.to(lse.dtype).contiguous()
-    lse = lse.contiguous()
+    coef = coef.to(lse.dtype).contiguous()  # lse may be strided (a column of the statistics)
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
     compiling = torch.compiler.is_compiling()

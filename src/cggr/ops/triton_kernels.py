@@ -180,7 +180,7 @@ def _store_stat(ptr, value, keep, valid):
 @triton.jit
 def logits_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
-    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
     """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
@@ -193,7 +193,7 @@ def logits_grad_kernel(
     grad_base = b * grad_stride_b + t * grad_stride_t
     selected = tl.load(mask_ptr + row) != 0
     target = tl.load(targets_ptr + row).to(tl.int64)
-    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+    lse = tl.load(lse_ptr + row * lse_stride).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
     if SCALE_MODE == 1:
         coef *= tl.load(scale_ptr).to(ACC_DTYPE)
