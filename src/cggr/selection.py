@@ -59,7 +59,8 @@ def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator])
 
 
 def select_topk(scores, valid, k):
-    mask = valid & (hardness_rank(scores, valid) < k)
+    # Invalid rows rank after every valid one and k <= n_valid, so the rank alone decides.
+    mask = hardness_rank(scores, valid) < k
     return mask, mask.to(scores.dtype)
 
 
