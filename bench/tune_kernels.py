@@ -35,13 +35,14 @@ def main():
     del src, dst
     print(f"copy bandwidth {bandwidth:.0f} GB/s; N={n} V={v} bf16")
     nbytes = n * v * 2
-    print(f"{'BLOCK_V':>7} {'warps':>5} {'combined ms':>11} {'%bw':>4} {'entropy ms':>10} {'%bw':>4}")
+    scorings = ("combined", "entropy", "gradnorm")
+    print(f"{'BLOCK_V':>7} {'warps':>5}" + "".join(f" {s + ' ms':>12} {'%bw':>4}" for s in scorings))
     for config in STATS_CONFIGS:
         os.environ["CGGR_STATS_CONFIG"] = ",".join(map(str, config))
         times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, scoring, 0.0, 0.0),
-                          return_mode="median") for scoring in ("combined", "entropy")]
-        print(f"{config[0]:>7} {config[1]:>5} {times[0]:11.3f} {100 * nbytes / times[0] / 1e6 / bandwidth:4.0f} "
-              f"{times[1]:10.3f} {100 * nbytes / times[1] / 1e6 / bandwidth:4.0f}")
+                          return_mode="median") for scoring in scorings]
+        print(f"{config[0]:>7} {config[1]:>5}"
+              + "".join(f" {t:12.3f} {100 * nbytes / t / 1e6 / bandwidth:4.0f}" for t in times))
     if "--stats-only" in sys.argv:
         return
     del os.environ["CGGR_STATS_CONFIG"]
