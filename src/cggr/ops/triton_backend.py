@@ -21,9 +21,10 @@ from .triton_kernels import logits_grad_kernel, row_stats_kernel
 _N_STATS = len(RowStats._fields)
 
 
-# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py; tracking the two largest
-# logits (margin, combined) is short of registers and instructions, and prefers smaller blocks.
-_CONFIGS = {"stats": (1024, 1), "stats_top2": (512, 1), "grad": (16384, 16)}
+# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py. The kernel is short of
+# instructions; with the extra accumulators of margin, combined and gradnorm ("stats_extra")
+# smaller blocks do better.
+_CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16)}
 
 
 def _env_override(name: str, default):
@@ -33,7 +34,7 @@ def _env_override(name: str, default):
 
 
 def launch_config(vocab_size: int, kind: str) -> dict:
-    """Launch parameters of the ``'stats'``, ``'stats_top2'`` or ``'grad'`` kernel. The
+    """Launch parameters of the ``'stats'``, ``'stats_extra'`` or ``'grad'`` kernel. The
     interpreter costs per loop iteration, so it gets one large block."""
     interpreting = triton_interpreting()
     block, warps = _env_override("CGGR_GRAD_CONFIG" if kind == "grad" else "CGGR_STATS_CONFIG", _CONFIGS[kind])
@@ -74,7 +75,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq,
-            **launch_config(vocab_size, "stats_top2" if need_second else "stats"),
+            **launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats"),
         )
     return stats
 
