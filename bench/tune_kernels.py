@@ -1,6 +1,6 @@
 """Sweep launch configurations of the two Triton kernels and profile one forward+backward.
 
-    python bench/tune_kernels.py [N V] [--stats-only] [--fused]
+    python bench/tune_kernels.py [N V] [--stats-only]
 
 Prints the bandwidth each configuration reaches (bytes moved / median time) against the
 copy bandwidth, and the profiler's kernel table for cggr_cross_entropy at ratio 0.25.
@@ -17,15 +17,10 @@ from cggr.ops import triton_backend  # noqa: E402
 
 STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (2048, 4), (4096, 4)]
 
-FUSED_CONFIGS = [(1024, 4096, 4, 1), (1024, 4096, 4, 2), (1024, 4096, 4, 4), (2048, 4096, 8, 1), (2048, 4096, 8, 2),
-                 (2048, 8192, 8, 1), (2048, 8192, 16, 1), (4096, 8192, 16, 1), (1024, 2048, 2, 4), (1024, 2048, 2, 8),
-                 (512, 2048, 1, 8), (512, 2048, 1, 16)]
 GRAD_CONFIGS = [(8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
 
 def main():
-    if "--fused" in sys.argv:
-        return tune_fused()
     sizes = [int(a) for a in sys.argv[1:] if not a.startswith("--")]
     n, v = sizes if sizes else (8192, 128256)
     logits = torch.randn(1, n, v, device="cuda", dtype=torch.bfloat16)
@@ -95,33 +90,6 @@ def main():
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-
-
-def tune_fused(n=8192, v=128256):
-    """Forward+backward at ratio 1 (the fused statistics-and-gradient kernel) per configuration."""
-    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, v, (n,), device="cuda")
-
-    def step():
-        cggr_cross_entropy(x, targets, 1.0, check_targets=False).backward()
-        x.grad = None
-    floor_ms = 2 * n * v * 2 / 3.0e9  # one read and one write at 3 TB/s
-    print(f"ratio 1.0, N={n} V={v}: BLOCK_V, GRAD_BLOCK_V, warps, programs/SM -> ms (2-pass floor at 3 TB/s "
-          f"{floor_ms:.3f})")
-    for config in FUSED_CONFIGS:
-        os.environ["CGGR_FUSED_CONFIG"] = ",".join(map(str, config))
-        print(config, f"{do_bench(step, return_mode='median'):.3f}")
-    del os.environ["CGGR_FUSED_CONFIG"]
-    try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-        liger = LigerCrossEntropyLoss()
-
-        def liger_step():
-            liger(x, targets).backward()
-            x.grad = None
-        print("liger CE", f"{do_bench(liger_step, return_mode='median'):.3f}")
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

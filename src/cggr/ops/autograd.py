@@ -16,7 +16,6 @@ import torch
 from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce
 from ..info import CGGRInfo
 from ..scoring import RowStats
-from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 
@@ -37,37 +36,13 @@ def _unpack(outputs, with_info: bool):
     return loss, CGGRInfo(**dict(zip(_INFO_FIELDS, info)))
 
 
-def _every_row_coef(valid: torch.Tensor, opts: LossOptions, dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d row loss when every valid row is selected with weight 1, as at ratio 1."""
-    n_valid = valid.sum()
-    denominator = mean_denominator(opts, n_valid, n_valid)
-    coef = valid.to(dtype)
-    return coef if denominator is None else coef / denominator
-
-
-def _selects_every_row(ratio, opts: LossOptions) -> bool:
-    """Ratio 1 selects every valid row with weight 1 whatever the strategy, so the gradient can
-    be formed before the selection (for a scalar loss, whose upstream gradient is one number)."""
-    return isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
-
-
 class CGGRCrossEntropyFunction(torch.autograd.Function):
-    """loss = CGGR(logits); backward writes the gradient of selected rows only.
-
-    At ratio 1 (scalar loss, not in place) the forward writes the gradient in the same pass as
-    the statistics, while each row is still in cache; the backward then only scales it by the
-    upstream gradient, which costs nothing when that is 1.
-    """
+    """loss = CGGR(logits); backward writes the gradient of selected rows only."""
 
     @staticmethod
     def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape, with_info: bool):
         valid = targets != opts.ignore_index
-        ctx.early_grad = None
-        if _selects_every_row(ratio, opts) and not opts.inplace_backward and ctx.needs_input_grad[0]:
-            coef = _every_row_coef(valid, opts, compute_dtype(logits.dtype))
-            stats, ctx.early_grad = backend.row_stats_and_grad(logits, targets, valid, opts, coef)
-        else:
-            stats = backend.row_stats(logits, targets, valid, opts)
+        stats = backend.row_stats(logits, targets, valid, opts)
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
         ctx.backend, ctx.opts = backend, opts
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
@@ -75,9 +50,6 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
-        if ctx.early_grad is not None:  # used once: a second backward (retain_graph) recomputes
-            grad, ctx.early_grad = ctx.early_grad, None
-            return ctx.backend.scale_(grad, grad_loss), None, None, None, None, None, None
         logits, targets, lse, mask, coef = ctx.saved_tensors
         opts = ctx.opts
         grad = ctx.backend.logits_grad(
@@ -147,19 +119,23 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool, with_info: bool):
         valid = targets != opts.ignore_index
-        grads_now = _selects_every_row(ratio, opts)
+        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
         if grads_now:
             grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                fp32_grad_accumulation, every_row=True)
-            every_row_coef = _every_row_coef(valid, opts, compute_dtype(hidden.dtype))
+            # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
+            n_valid = valid.sum()
+            denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
             chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts)
             stats_parts.append(torch.stack(chunk_stats, 1))
             if grads_now:
-                grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, every_row_coef[rows],
-                                                  valid[rows], opts.label_smoothing, opts.z_loss, out=logits)[0]
+                coef = valid[rows].to(chunk_stats.lse.dtype)
+                coef = coef if denominator is None else coef / denominator
+                grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows],
+                                                  opts.label_smoothing, opts.z_loss, out=logits)[0]
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
             del logits

@@ -109,16 +109,3 @@ def logits_grad(
     if out is not None and not flat_out:
         return out.copy_(result.view(shape))
     return result.view(shape)
-
-
-def row_stats_and_grad(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
-                       coef: torch.Tensor):
-    """``row_stats`` and the logits gradient with every valid row selected with coefficient
-    ``coef`` [B*T] (what ratio 1 selects); the Triton backend fuses the two passes."""
-    stats = row_stats(logits, targets, valid, opts)
-    return stats, logits_grad(logits, targets, stats.lse, coef, valid, opts.label_smoothing, opts.z_loss)
-
-
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (0-d), in place."""
-    return grad.mul_(scale.to(grad.dtype))

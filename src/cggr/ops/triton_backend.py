@@ -5,11 +5,10 @@ Imported lazily (on first use of a CUDA tensor or ``backend='triton'``).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -17,7 +16,7 @@ import triton
 from ..scoring import SCORINGS, RowStats, scoring_reads
 from . import triton_interpreting
 from .reference import compute_dtype
-from .triton_kernels import logits_grad_kernel, row_stats_grad_kernel, row_stats_kernel, scale_kernel
+from .triton_kernels import logits_grad_kernel, row_stats_kernel
 
 _N_STATS = len(RowStats._fields)
 
@@ -26,8 +25,6 @@ _N_STATS = len(RowStats._fields)
 # instructions; with the extra accumulators of margin, combined and gradnorm ("stats_extra")
 # smaller blocks do better.
 _CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16)}
-# The fused statistics-and-gradient kernel: (BLOCK_V, GRAD_BLOCK_V, num_warps, programs per SM).
-_FUSED_CONFIG = (2048, 4096, 8, 1)
 
 
 def _env_override(name: str, default):
@@ -145,66 +142,6 @@ def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: tor
     _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
 
 
-def _fused_config(logits: torch.Tensor, vocab_size: int, n_rows: int):
-    """(grid size, kernel keywords) of the fused kernel: a persistent grid of a few programs per
-    SM (the interpreter: 3 programs, so that each takes several rows)."""
-    block, grad_block, warps, per_sm = _env_override("CGGR_FUSED_CONFIG", _FUSED_CONFIG)
-    top = triton.next_power_of_2(vocab_size)
-    if triton_interpreting():
-        return min(n_rows, 3), {"BLOCK_V": min(top, 1 << 16), "GRAD_BLOCK_V": min(top, 1 << 16)}
-    programs = min(n_rows, per_sm * _sm_count(logits.device))
-    return programs, {"BLOCK_V": min(top, block), "GRAD_BLOCK_V": min(top, grad_block), "num_warps": warps}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _row_stats_and_grad(logits, targets, valid, coef, scoring: str, label_smoothing: float, z_loss: float):
-    batch, seq_len, vocab_size = logits.shape
-    n_rows = batch * seq_len
-    stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if n_rows == 0:
-        return stats, grad
-    need_second, need_sum_sq = scoring_reads(scoring)
-    programs, config = _fused_config(logits, vocab_size, n_rows)
-    with _device_guard(logits):
-        row_stats_grad_kernel[(programs,)](
-            logits, targets, valid, stats, grad, coef, n_rows, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
-            ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring), NEED_SECOND=need_second,
-            NEED_SUM_SQ=need_sum_sq, **config,
-        )
-    return stats, grad
-
-
-@torch.library.custom_op("cggr::row_stats_and_grad", mutates_args=())
-def row_stats_and_grad_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, coef: torch.Tensor,
-                          scoring: str, label_smoothing: float, z_loss: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``row_stats`` and, with every valid row selected with coefficient ``coef``, the logits gradient."""
-    return _row_stats_and_grad(logits, targets, valid, coef, scoring, label_smoothing, z_loss)
-
-
-@row_stats_and_grad_op.register_fake
-def _(logits, targets, valid, coef, scoring, label_smoothing, z_loss):
-    stats = logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
-    return stats, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
-def _scale(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    block = 1 << 16 if triton_interpreting() else 8192
-    with _device_guard(grad):
-        scale_kernel[(triton.cdiv(grad.numel(), block),)](grad, scale, grad.numel(), BLOCK=block, num_warps=8)
-
-
-@torch.library.custom_op("cggr::scale_", mutates_args=("grad",))
-def scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad *= scale (0-d), in place; no memory traffic when scale is 1."""
-    _scale(grad, scale)
-
-
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
 # it); under torch.compile the ops are what gets traced, so there is no graph break.
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts) -> RowStats:
@@ -227,19 +164,3 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
     overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
     return logits
-
-
-def row_stats_and_grad(logits, targets, valid, opts, coef):
-    """See :func:`cggr.ops.reference.row_stats_and_grad`."""
-    compute = row_stats_and_grad_op if torch.compiler.is_compiling() else _row_stats_and_grad
-    stats, grad = compute(logits, targets, valid, coef.to(compute_dtype(logits.dtype)).contiguous(), opts.scoring,
-                          opts.label_smoothing, opts.z_loss)
-    return RowStats.from_columns(stats), grad
-
-
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (0-d) in place; free when scale is 1."""
-    if grad.dtype == torch.float64:  # the kernel multiplies in float32
-        return grad.mul_(scale.to(grad.dtype))
-    (scale_op if torch.compiler.is_compiling() else _scale)(grad, scale.contiguous())
-    return grad

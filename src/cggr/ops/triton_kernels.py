@@ -51,58 +51,23 @@ def row_stats_kernel(
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
-    order), one program per row; see :func:`_row_stats`. Label smoothing and z-loss come as
-    float32 (hi, lo) pairs, so that float64 rows see them at full precision."""
-    row = tl.program_id(0).to(tl.int64)
-    base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
-    _row_stats(logits_ptr, base, tl.load(targets_ptr + row).to(tl.int64), tl.load(valid_ptr + row) != 0,
-               stats_ptr + row * 9, vocab_size, _joined(eps_hi, eps_lo, ACC_DTYPE), _joined(z_hi, z_lo, ACC_DTYPE),
-               BLOCK_V, ACC_DTYPE, SCORING, NEED_SECOND, NEED_SUM_SQ, "")
-
-
-@triton.jit
-def row_stats_grad_kernel(
-    logits_ptr, targets_ptr, valid_ptr, stats_ptr, grad_ptr, coef_ptr,
-    n_rows, seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
-    BLOCK_V: tl.constexpr, GRAD_BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
-    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
-):
-    """Statistics and, right after, the gradient of each row (every valid row selected, as at
-    ratio 1): a persistent grid, each program taking rows ``pid, pid + grid, ...``. With one
-    row per program in flight the row is still in L2 when it is read again for the gradient,
-    so the logits cross HBM once instead of twice."""
-    eps = _joined(eps_hi, eps_lo, ACC_DTYPE)
-    z = _joined(z_hi, z_lo, ACC_DTYPE)
-    for index in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row = tl.cast(index, tl.int64)
-        b = row // seq_len
-        t = row % seq_len
-        base = b * stride_b + t * stride_t
-        target = tl.load(targets_ptr + row).to(tl.int64)
-        valid = tl.load(valid_ptr + row) != 0
-        lse = _row_stats(logits_ptr, base, target, valid, stats_ptr + row * 9, vocab_size, eps, z,
-                         BLOCK_V, ACC_DTYPE, SCORING, NEED_SECOND, NEED_SUM_SQ, "evict_last")
-        _row_grad(logits_ptr, base, grad_ptr, b * grad_stride_b + t * grad_stride_t, target, lse,
-                  tl.load(coef_ptr + row).to(ACC_DTYPE), valid, vocab_size, eps, z, GRAD_BLOCK_V, ACC_DTYPE,
-                  "evict_first")
-
-
-@triton.jit
-def _row_stats(logits_ptr, base, target, valid, out, vocab_size, eps, z,
-               BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
-               NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, LOAD_POLICY: tl.constexpr):
-    """One online pass over a row; stores its 9 statistics at ``out`` (zeros if invalid; all NaN
-    for a row holding NaN or +inf; 0 in the optional fields the scoring does not read, whose
-    accumulators then cost nothing) and returns the stored lse.
+    order); zeros on invalid rows, and in the optional fields the scoring does not read, so
+    unused accumulators cost nothing. ``score`` and ``loss`` are the epilogue of
+    :func:`_score_and_loss`; label smoothing and z-loss come as float32 (hi, lo) pairs, so
+    that float64 rows see them at full precision.
 
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
     the end. ``t`` accumulates ``e * d`` (``d`` the shifted exponent) so that the entropy
-    ``log S - t / S`` never subtracts two large numbers. ``sum x`` (always kept: one add)
-    flags NaN and +inf rows. Full blocks are read with a one-block prefetch; one masked tail
-    block follows.
+    ``log S - t / S`` never subtracts two large numbers. ``sum x`` (always kept: one add) flags NaN and +inf rows.
+    Full blocks are read with a one-block prefetch; one masked tail block follows.
     """
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = tl.load(valid_ptr + row) != 0
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
+
     m = tl.max(tl.full((BLOCK_V,), neg_inf, ACC_DTYPE), 0)
     s_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
     t_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
@@ -113,18 +78,17 @@ def _row_stats(logits_ptr, base, target, valid, out, vocab_size, eps, z,
     full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
     # The next block's load is issued before this one is worked on (prefetch: 65% -> 80% of
     # copy bandwidth on an H100).
-    x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end, other=neg_inf, eviction_policy=LOAD_POLICY)
+    x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end, other=neg_inf)
     for start in range(0, full_end, BLOCK_V):
         x = x_next.to(ACC_DTYPE)
         ahead = start + BLOCK_V + cols
-        x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf,
-                         eviction_policy=LOAD_POLICY)
+        x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf)
         x_acc += x
         m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
             x, start + cols, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
     offs = full_end + cols
     in_row = (offs < vocab_size) & valid
-    x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf, eviction_policy=LOAD_POLICY).to(ACC_DTYPE)
+    x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
     x_acc += tl.where(in_row, x, 0.0)
     m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
         x, offs, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
@@ -145,8 +109,10 @@ def _row_stats(logits_ptr, base, target, valid, out, vocab_size, eps, z,
     p1 = tl.exp(m - lse)
     p2 = tl.where(NEED_SECOND, tl.exp(second - lse), 0.0)
     sum_sq = tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0)
-    score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size, eps, z, SCORING)
+    score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size,
+                                  _joined(eps_hi, eps_lo, ACC_DTYPE), _joined(z_hi, z_lo, ACC_DTYPE), SCORING)
     keep = valid & (sum_x == sum_x) & (sum_x != float("inf"))  # NaN / +inf rows: all NaN
+    out = stats_ptr + row * 9
     _store_stat(out + 0, lse, keep, valid)
     _store_stat(out + 1, target_logit, keep, valid)
     _store_stat(out + 2, entropy, keep, valid)
@@ -156,7 +122,6 @@ def _row_stats(logits_ptr, base, target, valid, out, vocab_size, eps, z,
     _store_stat(out + 6, sum_x, keep, valid)
     _store_stat(out + 7, score, keep, valid)
     _store_stat(out + 8, loss, keep, valid)
-    return tl.where(keep, lse, float("nan"))
 
 
 # Scoring codes (the order of cggr.scoring.SCORINGS).
@@ -218,27 +183,24 @@ def logits_grad_kernel(
     seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
-    """The gradient of each row (see :func:`_row_grad`), one program per row, times the
-    upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2)."""
+    """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
+    rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
+    the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
+    base = b * stride_b + t * stride_t
+    grad_base = b * grad_stride_b + t * grad_stride_t
+    selected = tl.load(mask_ptr + row) != 0
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row * lse_stride).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
     if SCALE_MODE == 1:
         coef *= tl.load(scale_ptr).to(ACC_DTYPE)
     elif SCALE_MODE == 2:
         coef *= tl.load(scale_ptr + row).to(ACC_DTYPE)
-    _row_grad(logits_ptr, b * stride_b + t * stride_t, grad_ptr, b * grad_stride_b + t * grad_stride_t,
-              tl.load(targets_ptr + row).to(tl.int64), tl.load(lse_ptr + row * lse_stride).to(ACC_DTYPE), coef,
-              tl.load(mask_ptr + row) != 0, vocab_size, _joined(eps_hi, eps_lo, ACC_DTYPE),
-              _joined(z_hi, z_lo, ACC_DTYPE), BLOCK_V, ACC_DTYPE, "")
-
-
-@triton.jit
-def _row_grad(logits_ptr, base, grad_ptr, grad_base, target, lse, coef, selected, vocab_size, label_smoothing, z_loss,
-              BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, LOAD_POLICY: tl.constexpr):
-    """grad = coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) if ``selected``; else zeros,
-    and then the logits are never read."""
+    label_smoothing = _joined(eps_hi, eps_lo, ACC_DTYPE)
+    z_loss = _joined(z_hi, z_lo, ACC_DTYPE)
     p_scale = 1.0 + 2.0 * z_loss * lse
     smooth = label_smoothing / vocab_size
     cols = tl.arange(0, BLOCK_V)
@@ -246,7 +208,7 @@ def _row_grad(logits_ptr, base, grad_ptr, grad_base, target, lse, coef, selected
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + cols
             in_row = offs < vocab_size
-            x = tl.load(logits_ptr + base + offs, mask=in_row, other=0.0, eviction_policy=LOAD_POLICY).to(ACC_DTYPE)
+            x = tl.load(logits_ptr + base + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
             g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
             tl.store(grad_ptr + grad_base + offs, (coef * g).to(grad_ptr.dtype.element_ty), mask=in_row)
     else:
@@ -254,15 +216,3 @@ def _row_grad(logits_ptr, base, grad_ptr, grad_base, target, lse, coef, selected
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + cols
             tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < vocab_size)
-
-
-@triton.jit
-def scale_kernel(x_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr):
-    """x *= scale[0] in place, with no memory traffic at all when the scale is 1 (the usual
-    upstream gradient of a loss): the test is on the device, so the host never waits."""
-    scale = tl.load(scale_ptr).to(tl.float32)
-    if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < n_elements
-        x = tl.load(x_ptr + offs, mask=in_range).to(tl.float32)
-        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
