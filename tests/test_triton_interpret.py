@@ -95,3 +95,20 @@ def test_upstream_gradient_is_folded_in(upstream_shape):
         cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction).backward(upstream)
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstream):
+    """Ratio 1 matches F.cross_entropy, with an upstream gradient and through a retained graph."""
+    logits, targets = make_batch((2, 9), 37, torch.float32, seed=7)
+    x = logits.clone().requires_grad_(True)
+    loss = cggr_cross_entropy(x, targets, 1.0, backend=backend)
+    loss.backward(torch.tensor(upstream), retain_graph=True)
+    y = logits.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(y.reshape(-1, 37), targets.reshape(-1))
+    expected.backward(torch.tensor(upstream))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, y.grad)
+    loss.backward(torch.tensor(upstream))
+    torch.testing.assert_close(x.grad, 2 * y.grad)
