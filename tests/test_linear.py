@@ -106,3 +106,14 @@ def test_linear_bf16_matches_plain_path(backend):
     torch.testing.assert_close(loss_l, loss_p, rtol=1e-3, atol=1e-3)
     for a, b in zip(grads_l, grads_p):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_empty_batch_gives_zero_loss_and_gradients(backend, ratio):
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
+    loss = cggr_linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), ratio, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))

@@ -16,6 +16,7 @@ import torch
 from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce
 from ..info import CGGRInfo
 from ..scoring import RowStats
+from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 
@@ -139,6 +140,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
             del logits
+        if not stats_parts:  # no rows at all
+            stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
         stats = RowStats.from_columns(torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
         ctx.backend, ctx.opts = backend, opts
