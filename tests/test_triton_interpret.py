@@ -112,3 +112,20 @@ def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstrea
     torch.testing.assert_close(x.grad, y.grad)
     loss.backward(torch.tensor(upstream))
     torch.testing.assert_close(x.grad, 2 * y.grad)
+
+
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_many_small_blocks(monkeypatch, scoring):
+    """Rows spread over many blocks: the running maximum, the runner-up (ties within and across
+    blocks) and the target's block are carried from block to block as on the GPU."""
+    from cggr.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "launch_config", lambda vocab_size, kind: {"BLOCK_V": 16})
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randint(-3, 4, (2, 12, 101), generator=g).float()  # small integers: many ties
+    logits[0, 0, 5] = logits[0, 0, 90] = 9.0  # a maximum shared by two blocks
+    logits[0, 1, 3:6] = 9.0  # shared inside one block
+    logits[0, 2, 100] = 9.0  # in the tail block
+    targets = torch.randint(0, 101, (2, 12), generator=g)
+    targets[1, :3] = torch.tensor([0, 15, 100])  # first column, last of a block, tail
+    _compare(logits, targets, 0.5, 1e-5, scoring=scoring)

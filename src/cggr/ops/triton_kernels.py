@@ -11,15 +11,23 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _absorb_block(x, offs, target, m, s_acc, t_acc, q_acc, top1, top2,
-                  NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr):
-    """Fold one block of logits (float, -inf where masked; columns ``offs``) into the
-    running row state. ``q`` leaves out the target column (see RowStats.sum_sq_other_prob).
+def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
+                  BLOCK_V: tl.constexpr, NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr):
+    """Fold one block of logits (float, -inf where masked; columns ``start + arange(BLOCK_V)``) into the
+    running row state: the maximum ``m`` and runner-up ``second`` (scalars) and the per-lane
+    sums. ``q`` leaves out the target column (see RowStats.sum_sq_other_prob).
 
     Exponents are taken in base 2, ``d = (x - m) log2 e`` as one fused multiply-add (one
-    instruction less per element than ``exp``, which the kernel is short of): s and t are
-    in base-2 units, and the shift by ``m`` is exact up to a common factor that cancels."""
+    instruction less per element than ``exp``; the kernel is short of instructions): s and t
+    are in base-2 units, and the shift by ``m`` is exact up to a common factor that cancels.
+    The extra work of ``second`` and ``q`` is kept out of the per-element path wherever it can
+    be: it runs only for blocks that can change the runner-up or hold the target."""
     block_max = tl.max(x, 0)
+    if NEED_SECOND:
+        if block_max > second:  # uniform, and rare once the row's two largest are seen
+            n_max = tl.sum((x == block_max).to(tl.int32), 0)
+            block_second = tl.where(n_max > 1, block_max, tl.max(tl.where(x == block_max, float("-inf"), x), 0))
+            second = tl.where(block_max > m, tl.maximum(m, block_second), block_max)
     if block_max > m:  # uniform branch: rescale only when the row maximum grows
         started = m != float("-inf")
         shift = tl.where(started, (m - block_max) * LOG2E, 0.0)
@@ -36,11 +44,12 @@ def _absorb_block(x, offs, target, m, s_acc, t_acc, q_acc, top1, top2,
     s_acc += e
     t_acc += e * d
     if NEED_SUM_SQ:
-        q_acc += tl.where(offs == target, 0.0, e * e)
-    if NEED_SECOND:
-        top2 = tl.maximum(top2, tl.minimum(top1, x))
-        top1 = tl.maximum(top1, x)
-    return m, s_acc, t_acc, q_acc, top1, top2
+        target_col = target - start
+        if (target_col >= 0) & (target_col < BLOCK_V):
+            q_acc += tl.where(tl.arange(0, BLOCK_V) == target_col, 0.0, e * e)
+        else:
+            q_acc += e * e
+    return m, second, s_acc, t_acc, q_acc
 
 
 @triton.jit
@@ -73,8 +82,7 @@ def row_stats_kernel(
     t_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
     q_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
     x_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    top1 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
-    top2 = tl.full((BLOCK_V,), neg_inf, ACC_DTYPE)
+    second = m
     full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
     # The next block's load is issued before this one is worked on (prefetch: 65% -> 80% of
     # copy bandwidth on an H100).
@@ -84,25 +92,20 @@ def row_stats_kernel(
         ahead = start + BLOCK_V + cols
         x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf)
         x_acc += x
-        m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
-            x, start + cols, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+        m, second, s_acc, t_acc, q_acc = _absorb_block(
+            x, start, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ)
     offs = full_end + cols
     in_row = (offs < vocab_size) & valid
     x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
     x_acc += tl.where(in_row, x, 0.0)
-    m, s_acc, t_acc, q_acc, top1, top2 = _absorb_block(
-        x, offs, target, m, s_acc, t_acc, q_acc, top1, top2, NEED_SECOND, NEED_SUM_SQ)
+    m, second, s_acc, t_acc, q_acc = _absorb_block(
+        x, full_end, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ)
 
     # s and t are in base 2: lse = ln 2 (m log2 e + log2 S) and H = ln 2 (log2 S - t / S).
     total = tl.sum(s_acc, 0)
     lse = (m * LOG2E + tl.log2(total)) * LN2
     entropy = (tl.log2(total) - tl.sum(t_acc, 0) / total) * LN2
     sum_x = tl.sum(x_acc, 0)
-    second = m
-    if NEED_SECOND:
-        n_best = tl.sum((top1 == m).to(tl.int32), 0)
-        runner_up = tl.maximum(tl.max(top2, 0), tl.max(tl.where(top1 == m, neg_inf, top1), 0))
-        second = tl.where(n_best > 1, m, runner_up)
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
 
