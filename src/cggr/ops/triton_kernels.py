@@ -20,8 +20,8 @@ def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
     Exponents are taken in base 2, ``d = (x - m) log2 e`` as one fused multiply-add (one
     instruction less per element than ``exp``; the kernel is short of instructions): s and t
     are in base-2 units, and the shift by ``m`` is exact up to a common factor that cancels.
-    The extra work of ``second`` and ``q`` is kept out of the per-element path wherever it can
-    be: it runs only for blocks that can change the runner-up or hold the target."""
+    The runner-up costs nothing per element: it is updated only for blocks whose maximum
+    exceeds it, which after the first few blocks of a row are rare."""
     block_max = tl.max(x, 0)
     if NEED_SECOND:
         if block_max > second:  # uniform, and rare once the row's two largest are seen
@@ -43,12 +43,8 @@ def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
     e = tl.exp2(d)
     s_acc += e
     t_acc += e * d
-    if NEED_SUM_SQ:
-        target_col = target - start
-        if (target_col >= 0) & (target_col < BLOCK_V):
-            q_acc += tl.where(tl.arange(0, BLOCK_V) == target_col, 0.0, e * e)
-        else:
-            q_acc += e * e
+    if NEED_SUM_SQ:  # (a branch on the target's block measured slower: 0.79 -> 0.83 ms on an H200)
+        q_acc += tl.where(tl.arange(0, BLOCK_V) == target - start, 0.0, e * e)
     return m, second, s_acc, t_acc, q_acc
 
 
