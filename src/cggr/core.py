@@ -72,6 +72,7 @@ def select_and_reduce(
     opts: LossOptions,
     seq_shape: Optional[tuple] = None,
     with_info: bool = True,
+    fused_topk: Optional[Callable] = None,
 ) -> Reduced:
     """Select over ``stats.score`` and reduce ``stats.loss``. All inputs and outputs are device
     tensors; no host sync. Every op here is a kernel launch, which is what a small batch pays
@@ -79,9 +80,36 @@ def select_and_reduce(
 
     ``ratio`` may be a callable taking the mean confidence (0-d) and returning the ratio:
     that is how the dynamic threshold sees this batch before selecting from it.
+    ``fused_topk`` (a backend's ``select_topk``) does the ``topk`` selection and reduction in
+    one launch where it can, returning None where it cannot.
     """
     if callable(ratio):
         ratio = ratio(mean_confidence(stats, valid))
+    fused = fused_topk(stats, valid, ratio, opts.reduction) if fused_topk and opts.selection == "topk" else None
+    if fused is not None:
+        mask, weight, coef, loss, n_valid, n_selected = fused
+    else:
+        mask, weight, coef, loss, n_valid, n_selected = _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape)
+    info = None
+    if with_info:
+        # The statistics are already 0 on invalid rows.
+        info = CGGRInfo(
+            mask=mask,
+            weight=weight,
+            difficulty=stats.score,
+            confidence=stats.max_prob,
+            entropy=stats.entropy,
+            nll=nll(stats),
+            ratio=ratio_tensor(ratio, stats.score.device),
+            n_selected=n_selected,
+            n_valid=n_valid,
+            full_loss=stats.loss.sum() / n_valid.clamp(min=1),
+        )
+    return Reduced(loss, coef, mask, info)
+
+
+def _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape):
+    """(mask, weight, coef, loss, n_valid, n_selected) in PyTorch ops (SPEC.md §4, §5)."""
     n_valid = valid.sum()
     mask, weight = select_rows(
         stats.score,
@@ -100,19 +128,4 @@ def select_and_reduce(
     loss = reduce_rows(weighted, opts, n_valid, n_selected)
     denominator = mean_denominator(opts, n_valid, n_selected)
     coef = weight if denominator is None else weight / denominator
-    info = None
-    if with_info:
-        # The statistics are already 0 on invalid rows.
-        info = CGGRInfo(
-            mask=mask,
-            weight=weight,
-            difficulty=stats.score,
-            confidence=stats.max_prob,
-            entropy=stats.entropy,
-            nll=nll(stats),
-            ratio=ratio_tensor(ratio, stats.score.device),
-            n_selected=n_selected,
-            n_valid=n_valid,
-            full_loss=stats.loss.sum() / n_valid.clamp(min=1),
-        )
-    return Reduced(loss, coef, mask, info)
+    return mask, weight, coef, loss, n_valid, n_selected

@@ -5,6 +5,7 @@ A backend is any object with
 * ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions) -> RowStats``
 * ``logits_grad(logits [B, T, V], targets, lse, coef, mask, label_smoothing, z_loss,
   grad_scale=None, out=None) -> [B, T, V]`` that is exactly 0 on rows where ``mask`` is False.
+* optionally ``select_topk(stats, valid, ratio, reduction)``: see :func:`cggr.core.select_and_reduce`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def _outputs(ctx, reduced):
     return (reduced.loss, *info)
 
 
+def _fused_topk(backend):
+    """The backend's one-launch ``topk`` selection, if it has one."""
+    return getattr(backend, "select_topk", None)
+
+
 def _unpack(outputs, with_info: bool):
     if not with_info:
         return outputs, None
@@ -44,7 +50,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape, with_info: bool):
         valid = targets != opts.ignore_index
         stats = backend.row_stats(logits, targets, valid, opts)
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, reduced)
@@ -143,7 +149,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if not stats_parts:  # no rows at all
             stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
         stats = RowStats.from_columns(torch.cat(stats_parts))
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.fp32 = chunk_rows, max_selected, fp32_grad_accumulation
         ctx.has_bias = bias is not None

@@ -16,7 +16,7 @@ import triton
 from ..scoring import SCORINGS, RowStats, scoring_reads
 from . import triton_interpreting
 from .reference import compute_dtype
-from .triton_kernels import logits_grad_kernel, row_stats_kernel
+from .triton_kernels import logits_grad_kernel, row_stats_kernel, select_topk_kernel
 
 _N_STATS = len(RowStats._fields)
 
@@ -164,3 +164,38 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
     overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
     return logits
+
+
+_REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+
+def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
+    """``topk`` selection and reduction of float32 statistics in one launch: (mask, weight,
+    coef, loss, n_valid, n_selected) as :func:`cggr.core.select_and_reduce` computes them.
+    None where it does not apply (float64 statistics, statistics not in one ``[N, 9]``
+    block, or under torch.compile, which fuses the PyTorch ops itself)."""
+    base = stats.lse
+    n_rows = base.numel()
+    width = len(RowStats._fields)
+    if (base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0
+            or base.stride(0) != width or stats.score.data_ptr() != base.data_ptr() + 4 * RowStats._fields.index("score")
+            or stats.loss.data_ptr() != base.data_ptr() + 4 * RowStats._fields.index("loss")):
+        return None
+    device = base.device
+    mask = torch.empty(n_rows, dtype=torch.bool, device=device)
+    weight = torch.empty(n_rows, dtype=torch.float32, device=device)
+    coef = torch.empty(n_rows, dtype=torch.float32, device=device)
+    row_loss = torch.empty(n_rows if reduction == "none" else 1, dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    counts = torch.empty(2, dtype=torch.int64, device=device)
+    from_ptr = isinstance(ratio, torch.Tensor)
+    hi, lo = (0.0, 0.0) if from_ptr else _hi_lo(float(ratio))
+    chunk = min(triton.next_power_of_2(n_rows), 1 << 16 if triton_interpreting() else 2048)
+    with _device_guard(base):
+        select_topk_kernel[(1,)](
+            base, valid, ratio if from_ptr else counts, hi, lo, mask, weight, coef, row_loss, loss, counts, n_rows,
+            STATS_WIDTH=width, SCORE_COL=RowStats._fields.index("score"), LOSS_COL=RowStats._fields.index("loss"),
+            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction], CHUNK=chunk,
+            **({} if triton_interpreting() else {"num_warps": 8}),
+        )
+    return mask, weight, coef, row_loss if reduction == "none" else loss, counts[0], counts[1]

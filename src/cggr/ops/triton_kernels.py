@@ -215,3 +215,88 @@ def logits_grad_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + cols
             tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < vocab_size)
+
+
+@triton.jit
+def select_topk_kernel(
+    stats_ptr, valid_ptr, ratio_ptr, ratio_hi, ratio_lo,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
+    STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr,
+    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The whole ``topk`` selection and reduction in one program (float32 statistics): k from
+    the valid count, the k-th hardest score by a 4-pass radix select on its bits, ties to the
+    lower row index, then mask, weight, coefficient and loss. Replaces a few dozen small
+    PyTorch ops, whose launches cost the host more than this costs the GPU.
+
+    Scores lie in [0, 1] (NaN ranks hardest), so their float32 bits order like the numbers.
+    REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected)."""
+    cols = tl.arange(0, CHUNK)
+    n_valid = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    for start in range(0, n_rows, CHUNK):
+        offs = start + cols
+        n_valid += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_rows, other=0) != 0).to(tl.int64), 0)
+    if RATIO_FROM_PTR:
+        ratio = tl.load(ratio_ptr).to(tl.float64)
+    else:
+        ratio = _joined(ratio_hi, ratio_lo, tl.float64)
+    # k = min(n_valid, max(1, ceil(ratio * n_valid - 1e-6))), the ceiling without libdevice
+    wanted = n_valid.to(tl.float64) * ratio - 1e-6
+    k = wanted.to(tl.int64)
+    k = k + (k.to(tl.float64) < wanted).to(tl.int64)
+    k = tl.minimum(tl.maximum(k, 1), n_valid)
+
+    bins = tl.arange(0, 256)
+    prefix = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)  # the high bits of the k-th largest key found so far
+    remaining = k  # rows still to place at or below the prefix
+    for digit_index in tl.static_range(4):
+        shift = 24 - 8 * digit_index
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(0, n_rows, CHUNK):
+            offs = start + cols
+            key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+            if digit_index > 0:
+                valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
+        digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
+        remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+        prefix = prefix | (digit << shift)
+
+    # Rows above the threshold key, then the first `remaining` rows equal to it.
+    if REDUCTION == 0:
+        scale = 1.0 / tl.maximum(k, 1).to(tl.float32)
+    else:
+        scale = 1.0
+    taken = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    total = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
+    for start in range(0, n_rows, CHUNK):
+        offs = start + cols
+        in_range = offs < n_rows
+        key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+        tie = valid & (key == prefix)
+        tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
+        chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
+        taken += tl.sum(tie.to(tl.int64), 0)
+        row_loss = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
+        weighted = tl.where(chosen, row_loss, 0.0)
+        total += tl.sum(weighted, 0)
+        weight = chosen.to(tl.float32)
+        tl.store(mask_ptr + offs, chosen, mask=in_range)
+        tl.store(weight_ptr + offs, weight, mask=in_range)
+        tl.store(coef_ptr + offs, weight * scale, mask=in_range)
+        if REDUCTION == 2:
+            tl.store(row_loss_ptr + offs, weighted, mask=in_range)
+    tl.store(loss_ptr, total * scale)
+    tl.store(counts_ptr, n_valid)
+    tl.store(counts_ptr + 1, k)
+
+
+@triton.jit
+def _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr):
+    """(int32 bits of the score, NaN as +inf and -0.0 as 0, and validity) of rows ``offs``."""
+    in_range = offs < n_rows
+    valid = (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0) & in_range
+    score = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + SCORE_COL, mask=in_range, other=0.0) + 0.0
+    score = tl.where(score != score, float("inf"), score)
+    return score.to(tl.int32, bitcast=True), valid
