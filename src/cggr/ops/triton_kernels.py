@@ -247,21 +247,27 @@ def select_topk_kernel(
     k = tl.minimum(tl.maximum(k, 1), n_valid)
 
     bins = tl.arange(0, 256)
-    prefix = tl.sum(tl.zeros((CHUNK,), tl.int32), 0)  # the high bits of the k-th largest key found so far
-    remaining = k  # rows still to place at or below the prefix
-    for digit_index in tl.static_range(4):
-        shift = 24 - 8 * digit_index
-        hist = tl.zeros((256,), tl.int32)
-        for start in range(0, n_rows, CHUNK):
-            offs = start + cols
-            key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
-            if digit_index > 0:
-                valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
-        digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
-        remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-        prefix = prefix | (digit << shift)
+    # prefix: the high bits of the k-th largest key found so far; remaining: rows still to place
+    # at or below it. When every valid row is kept (ratio 1) no search is needed: every key is
+    # above -1.
+    prefix = tl.sum(tl.zeros((CHUNK,), tl.int32), 0) - 1
+    remaining = k - k
+    if k < n_valid:
+        prefix = prefix + 1
+        remaining = k
+        for digit_index in tl.static_range(4):
+            shift = 24 - 8 * digit_index
+            hist = tl.zeros((256,), tl.int32)
+            for start in range(0, n_rows, CHUNK):
+                offs = start + cols
+                key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+                if digit_index > 0:
+                    valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
+            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
+            digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
+            remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+            prefix = prefix | (digit << shift)
 
     # Rows above the threshold key, then the first `remaining` rows equal to it.
     if REDUCTION == 0:
