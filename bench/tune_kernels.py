@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
-STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
+STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (1024, 4), (2048, 4), (4096, 4), (4096, 8),
+                 (8192, 8)]
 
 GRAD_CONFIGS = [(8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 

@@ -177,10 +177,11 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     base = stats.lse
     n_rows = base.numel()
     width = len(RowStats._fields)
-    if (base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0
-            or base.stride(0) != width or stats.score.data_ptr() != base.data_ptr() + 4 * RowStats._fields.index("score")
-            or stats.loss.data_ptr() != base.data_ptr() + 4 * RowStats._fields.index("loss")):
+    if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != width:
         return None
+    for name in ("score", "loss"):  # both columns of the same [N, 9] block as lse
+        if getattr(stats, name).data_ptr() != base.data_ptr() + 4 * RowStats._fields.index(name):
+            return None
     device = base.device
     mask = torch.empty(n_rows, dtype=torch.bool, device=device)
     weight = torch.empty(n_rows, dtype=torch.float32, device=device)
