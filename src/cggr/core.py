@@ -122,8 +122,7 @@ def _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape):
         min_tokens_per_sequence=opts.min_tokens_per_sequence,
         generator=opts.generator,
     )
-    # where, not a product: an unselected row may hold a NaN loss. Only importance weights differ from 1.
-    weighted = torch.where(mask, weight * stats.loss if opts.selection == "importance" else stats.loss, 0.0)
+    weighted = torch.where(mask, weight * stats.loss, 0.0)  # where: an unselected row may hold a NaN loss
     n_selected = mask.sum()
     loss = reduce_rows(weighted, opts, n_valid, n_selected)
     denominator = mean_denominator(opts, n_valid, n_selected)

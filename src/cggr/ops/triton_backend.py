@@ -74,7 +74,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
-            NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq,
+            NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
             **launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats"),
         )
     return stats
@@ -176,11 +176,10 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     block, or under torch.compile, which fuses the PyTorch ops itself)."""
     base = stats.lse
     n_rows = base.numel()
-    width = len(RowStats._fields)
-    if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != width:
+    if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != _N_STATS:
         return None
     for name in ("score", "loss"):  # both columns of the same [N, 9] block as lse
-        if getattr(stats, name).data_ptr() != base.data_ptr() + 4 * RowStats._fields.index(name):
+        if getattr(stats, name).data_ptr() != base.data_ptr() + base.element_size() * RowStats._fields.index(name):
             return None
     device = base.device
     mask = torch.empty(n_rows, dtype=torch.bool, device=device)
@@ -193,9 +192,9 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     hi, lo = (0.0, 0.0) if from_ptr else _hi_lo(float(ratio))
     chunk = min(triton.next_power_of_2(n_rows), 1 << 16 if triton_interpreting() else 2048)
     with _device_guard(base):
-        select_topk_kernel[(1,)](
+        select_topk_kernel[(1,)](  # with a float ratio, ``counts`` stands in for the unread ratio pointer
             base, valid, ratio if from_ptr else counts, hi, lo, mask, weight, coef, row_loss, loss, counts, n_rows,
-            STATS_WIDTH=width, SCORE_COL=RowStats._fields.index("score"), LOSS_COL=RowStats._fields.index("loss"),
+            STATS_WIDTH=_N_STATS, SCORE_COL=RowStats._fields.index("score"), LOSS_COL=RowStats._fields.index("loss"),
             RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction], CHUNK=chunk,
             **({} if triton_interpreting() else {"num_warps": 8}),
         )

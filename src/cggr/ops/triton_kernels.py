@@ -1,6 +1,7 @@
-"""Triton kernels: one online pass per row for the statistics, and a gradient pass that
-reads only the selected rows. One program per row; rows are addressed as ``[B, T, V]``
-with arbitrary B and T strides and unit stride along V. Offsets are int64.
+"""Triton kernels: one online pass per row for the statistics, a gradient pass that reads
+only the selected rows (one program per row each; rows are addressed as ``[B, T, V]`` with
+arbitrary B and T strides and unit stride along V; offsets are int64), and a one-program
+``topk`` selection over the statistics.
 """
 import triton
 import triton.language as tl
@@ -53,7 +54,7 @@ def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
-    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr,
+    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
     order); zeros on invalid rows, and in the optional fields the scoring does not read, so
@@ -111,7 +112,7 @@ def row_stats_kernel(
     score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size,
                                   _joined(eps_hi, eps_lo, ACC_DTYPE), _joined(z_hi, z_lo, ACC_DTYPE), SCORING)
     keep = valid & (sum_x == sum_x) & (sum_x != float("inf"))  # NaN / +inf rows: all NaN
-    out = stats_ptr + row * 9
+    out = stats_ptr + row * STATS_WIDTH
     _store_stat(out + 0, lse, keep, valid)
     _store_stat(out + 1, target_logit, keep, valid)
     _store_stat(out + 2, entropy, keep, valid)
