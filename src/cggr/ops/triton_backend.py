@@ -69,15 +69,26 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
     if n_rows == 0:
         return stats
     need_second, need_sum_sq = scoring_reads(scoring)
+    config = launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats")
     with _device_guard(logits):
         row_stats_kernel[(n_rows,)](
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            **launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats"),
+            FOLD=_fold_width(logits, config), **config,
         )
     return stats
+
+
+def _fold_width(logits: torch.Tensor, config: dict) -> int:
+    """How many adjacent lanes the statistics kernel sums into one accumulator: the elements
+    of one 16-byte load. Triton vectorises the loads only when it can prove the rows 16-byte
+    aligned (pointer and strides multiples of 16, the divisibility it specialises on);
+    otherwise each thread's elements are strided and folding would cost shuffles, so 1."""
+    aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.stride(1) % 16 == 0
+    per_thread = config["BLOCK_V"] // (32 * config.get("num_warps", 1)) if "num_warps" in config else config["BLOCK_V"]
+    return max(1, min(16 // logits.element_size(), per_thread)) if aligned else 1
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())

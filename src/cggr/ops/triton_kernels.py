@@ -13,7 +13,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
-                  BLOCK_V: tl.constexpr, NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr):
+                  BLOCK_V: tl.constexpr, NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, FOLD: tl.constexpr):
     """Fold one block of logits (float, -inf where masked; columns ``start + arange(BLOCK_V)``) into the
     running row state: the maximum ``m`` and runner-up ``second`` (scalars) and the per-lane
     sums. ``q`` leaves out the target column (see RowStats.sum_sq_other_prob).
@@ -22,7 +22,8 @@ def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
     instruction less per element than ``exp``; the kernel is short of instructions): s and t
     are in base-2 units, and the shift by ``m`` is exact up to a common factor that cancels.
     The runner-up costs nothing per element: it is updated only for blocks whose maximum
-    exceeds it, which after the first few blocks of a row are rare."""
+    exceeds it, which after the first few blocks of a row are rare. The sums are folded to
+    ``BLOCK_V // FOLD`` lanes (see :func:`_fold`)."""
     block_max = tl.max(x, 0)
     if NEED_SECOND:
         if block_max > second:  # uniform, and rare once the row's two largest are seen
@@ -42,11 +43,23 @@ def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
     # nothing to s and t without a select; m is -inf only while the whole row so far is.
     d = tl.maximum(x * LOG2E - tl.where(m == float("-inf"), 0.0, m * LOG2E), -1100.0)
     e = tl.exp2(d)
-    s_acc += e
-    t_acc += e * d
+    s_acc += _fold(e, BLOCK_V, FOLD)
+    t_acc += _fold(e * d, BLOCK_V, FOLD)
     if NEED_SUM_SQ:  # (a branch on the target's block measured slower: 0.79 -> 0.83 ms on an H200)
-        q_acc += tl.where(tl.arange(0, BLOCK_V) == target - start, 0.0, e * e)
+        q_acc += _fold(tl.where(tl.arange(0, BLOCK_V) == target - start, 0.0, e * e), BLOCK_V, FOLD)
     return m, second, s_acc, t_acc, q_acc
+
+
+@triton.jit
+def _fold(values, BLOCK_V: tl.constexpr, FOLD: tl.constexpr):
+    """Sum each run of FOLD adjacent lanes: ``[BLOCK_V] -> [BLOCK_V // FOLD]``. With FOLD the
+    elements one thread loads at once the sum stays in the thread (the same adds as a full-width
+    accumulator), and the accumulators take FOLD times fewer registers: more rows in flight
+    (H200, ``combined``: 80% -> 96% of copy bandwidth)."""
+    if FOLD == 1:
+        return values
+    else:
+        return tl.sum(tl.reshape(values, (BLOCK_V // FOLD, FOLD)), 1)
 
 
 @triton.jit
@@ -54,7 +67,7 @@ def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
-    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr,
+    NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
     order); zeros on invalid rows, and in the optional fields the scoring does not read, so
@@ -75,28 +88,28 @@ def row_stats_kernel(
     neg_inf = float("-inf")
 
     m = tl.max(tl.full((BLOCK_V,), neg_inf, ACC_DTYPE), 0)
-    s_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    t_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    q_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
-    x_acc = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    s_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
+    t_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
+    q_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
+    x_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
     second = m
     full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
     # The next block's load is issued before this one is worked on (prefetch: 65% -> 80% of
-    # copy bandwidth on an H100).
-    x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end, other=neg_inf)
+    # copy bandwidth on an H100). Its masked lanes are never used, so they need no fill value.
+    x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end)
     for start in range(0, full_end, BLOCK_V):
         x = x_next.to(ACC_DTYPE)
         ahead = start + BLOCK_V + cols
-        x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end, other=neg_inf)
-        x_acc += x
+        x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end)
+        x_acc += _fold(x, BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
-            x, start, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ)
+            x, start, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
     offs = full_end + cols
     in_row = (offs < vocab_size) & valid
     x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
-    x_acc += tl.where(in_row, x, 0.0)
+    x_acc += _fold(tl.where(in_row, x, 0.0), BLOCK_V, FOLD)
     m, second, s_acc, t_acc, q_acc = _absorb_block(
-        x, full_end, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ)
+        x, full_end, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
 
     # s and t are in base 2: lse = ln 2 (m log2 e + log2 S) and H = ln 2 (log2 S - t / S).
     total = tl.sum(s_acc, 0)
