@@ -32,17 +32,19 @@ def write_result(kind, out, rows, packages, **fields):
     print("wrote", out)
 
 
-def time_and_peak(step, leaves, rep_ms=200):
+def time_and_peak(step, leaves, rep_ms=200, keep_grads=False):
     """(median ms, peak extra bytes) of ``step()`` (a forward+backward into ``leaves``' grads).
 
     Peak extra memory is the most allocated during one step minus what was allocated before
-    it, so it includes the gradients the step produces.
+    it, so it includes the gradients the step produces. With ``keep_grads`` the leaves' grads
+    exist (zeros) before each step and are accumulated into, as in a training loop with
+    gradient accumulation or ``zero_grad(set_to_none=False)``; they count as already allocated.
     """
     from triton.testing import do_bench
 
     def clear():
         for leaf in leaves:
-            leaf.grad = None
+            leaf.grad = torch.zeros_like(leaf) if keep_grads else None
 
     step()  # warm-up: compilation and autotuning stay out of both numbers
     clear()
@@ -53,7 +55,9 @@ def time_and_peak(step, leaves, rep_ms=200):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     clear()
-    ms = do_bench(step, warmup=25, rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
-    clear()
+    ms = do_bench(step, warmup=25, rep=rep_ms, grad_to_none=None if keep_grads else list(leaves),
+                  return_mode="median")
+    for leaf in leaves:
+        leaf.grad = None
     torch.cuda.empty_cache()
     return ms, peak

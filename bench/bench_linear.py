@@ -6,6 +6,10 @@ Methods: ``h @ W.T`` + F.cross_entropy (bf16 logits, and fp32-upcast logits), cg
 at ratio 0.25 and 1.0, Liger-Kernel's fused linear cross entropy and cut-cross-entropy when
 importable. Gradients flow to hidden and weight. "Extra memory" is the peak allocated during
 one forward+backward minus what was allocated before it, so it includes weight.grad and hidden.grad.
+
+Every method is measured twice: with the gradients created by the step (``grads kept: no``), and
+with them already allocated and accumulated into (``grads kept: yes``, a training loop's steady
+state), where cggr also runs with ``weight_grad_in_place=True``.
 """
 import argparse
 import os
@@ -44,10 +48,18 @@ def methods():
     return result
 
 
-def measure(fn, hidden, weight, targets):
+IN_PLACE = {
+    "cggr linear r=0.25 weight_grad_in_place": lambda h, w, t: cggr_linear_cross_entropy(
+        h, w, t, 0.25, check_targets=False, weight_grad_in_place=True),
+    "cggr linear r=1.0 weight_grad_in_place": lambda h, w, t: cggr_linear_cross_entropy(
+        h, w, t, 1.0, check_targets=False, weight_grad_in_place=True),
+}
+
+
+def measure(fn, hidden, weight, targets, keep_grads):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    return time_and_peak(lambda: fn(h, w, targets).backward(), [h, w], rep_ms=300)
+    return time_and_peak(lambda: fn(h, w, targets).backward(), [h, w], rep_ms=300, keep_grads=keep_grads)
 
 
 def main():
@@ -60,19 +72,21 @@ def main():
         hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5
         targets = torch.randint(0, v, (n,), device="cuda")
-        for name, fn in methods().items():
+        runs = [(name, fn, False) for name, fn in methods().items()]
+        runs += [(name, fn, True) for name, fn in {**methods(), **IN_PLACE}.items()]
+        for name, fn, keep_grads in runs:
             try:
-                ms, peak = measure(fn, hidden, weight, targets)
+                ms, peak = measure(fn, hidden, weight, targets, keep_grads)
             except Exception as error:  # report, keep measuring the rest
                 print(f"{name} at N={n} H={h_dim} V={v} failed: {error!r}")
                 continue
-            rows.append(dict(N=n, H=h_dim, V=v, method=name, ms=ms, extra_bytes=peak))
+            rows.append(dict(N=n, H=h_dim, V=v, method=name, grads_kept=keep_grads, ms=ms, extra_bytes=peak))
         del hidden, weight
         torch.cuda.empty_cache()
-    print(f"\n{'N':>6} {'H':>5} {'V':>7}  {'method':<34} {'ms':>8} {'extra GB':>9}")
+    print(f"\n{'N':>6} {'H':>5} {'V':>7}  {'method':<40} {'grads kept':>10} {'ms':>8} {'extra GB':>9}")
     for row in rows:
-        print(f"{row['N']:>6} {row['H']:>5} {row['V']:>7}  {row['method']:<34} {row['ms']:8.2f} "
-              f"{row['extra_bytes'] / 1e9:9.2f}")
+        print(f"{row['N']:>6} {row['H']:>5} {row['V']:>7}  {row['method']:<40} "
+              f"{'yes' if row['grads_kept'] else 'no':>10} {row['ms']:8.2f} {row['extra_bytes'] / 1e9:9.2f}")
     write_result("linear", args.out, rows, ("triton", "liger-kernel", "cut-cross-entropy"), dtype="bfloat16")
 
 

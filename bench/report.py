@@ -25,9 +25,10 @@ def linear_table(path):
     data = json.load(open(path))
     lines = [f"`{data['command']}` on {data['device']}, {data['dtype']}, forward+backward (grads of hidden and "
              "weight), median ms / peak extra GB:", "",
-             "| N | H | V | method | ms | extra GB |", "|---|---|---|---|---|---|"]
+             "| N | H | V | method | grads kept | ms | extra GB |", "|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
-        lines.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['method']} | {row['ms']:.2f} | "
+        kept = "yes" if row.get("grads_kept") else "no"
+        lines.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['method']} | {kept} | {row['ms']:.2f} | "
                      f"{row['extra_bytes'] / 1e9:.2f} |")
     return "\n".join(lines)
 

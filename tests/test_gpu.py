@@ -201,3 +201,28 @@ def test_linear_path_compiles_and_makes_no_host_sync():
             torch.autograd.grad(loss, (hidden, weight))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer():
+    """With weight.grad already there, the in-place mode adds into it: the same gradient, and
+    the step's peak extra memory stays below one weight's size (the default mode needs one more)."""
+    torch.manual_seed(5)
+    hidden = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(32768, 512, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_(True)
+    targets = torch.randint(0, 32768, (2048,), device="cuda")
+    weight_bytes = weight.numel() * weight.element_size()
+    grads, peaks = [], []
+    for in_place in (False, True):
+        weight.grad = torch.ones_like(weight)
+        hidden.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        cggr_linear_cross_entropy(hidden, weight, targets, 0.25, check_targets=False, chunk_size=256,
+                                  weight_grad_in_place=in_place).backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        grads.append((weight.grad.clone(), hidden.grad.clone()))
+    for a, b in zip(*grads):
+        assert _close(a, b, 1e-2)
+    assert peaks[0] > weight_bytes > peaks[1], (peaks, weight_bytes)

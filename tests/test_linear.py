@@ -117,3 +117,49 @@ def test_empty_batch_gives_zero_loss_and_gradients(backend, ratio):
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [0.4, 1.0])
+def test_weight_grad_in_place_accumulates_like_autograd(backend, ratio):
+    """The in-place mode leaves in weight.grad what autograd would: created when None, added to
+    when it exists, scaled by the upstream gradient; hooks on the weight still run."""
+    hidden, weight, bias, targets = _problem(seed=4)
+    hooks = []
+    results = {}
+    for in_place in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        w.register_hook(lambda grad: hooks.append(grad.shape))
+        for upstream in (1.0, 2.5):  # the second step adds to the existing weight.grad
+            loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=5, backend=backend,
+                                             weight_grad_in_place=in_place)
+            (upstream * loss).backward()
+        results[in_place] = (w.grad, h.grad, b.grad)
+    assert hooks == [weight.shape] * 4
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b)
+
+
+def test_weight_grad_in_place_with_a_tied_weight():
+    vocab, dim = 29, 8
+    embedding = torch.nn.Embedding(vocab, dim).double()
+    tokens = torch.randint(0, vocab, (2, 7))
+    targets = torch.randint(0, vocab, (2, 7))
+    grads = []
+    for in_place in (False, True):
+        embedding.weight.grad = None
+        hidden = torch.tanh(embedding(tokens))
+        cggr_linear_cross_entropy(hidden, embedding.weight, targets, 0.5, weight_grad_in_place=in_place).backward()
+        grads.append(embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_weight_grad_in_place_errors():
+    hidden, weight, _, targets = _problem()
+    leaf = weight.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="weight_grad_in_place.*leaf"):
+        cggr_linear_cross_entropy(hidden, leaf * 2, targets, 0.5, weight_grad_in_place=True)
+    with pytest.raises(ValueError, match="fp32_grad_accumulation"):
+        cggr_linear_cross_entropy(hidden, leaf, targets, 0.5, weight_grad_in_place=True, fp32_grad_accumulation=True)

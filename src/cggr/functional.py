@@ -84,6 +84,7 @@ def cggr_linear_cross_entropy(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     fp32_grad_accumulation: bool = False,
+    weight_grad_in_place: bool = False,
 ) -> LossOrLossAndInfo:
     """``cggr_cross_entropy(hidden @ weight.T + bias, targets, ratio, ...)`` without ever
     holding the whole ``[N, V]`` logits.
@@ -94,6 +95,13 @@ def cggr_linear_cross_entropy(
         chunk_size: rows of logits computed at once (bounds peak memory); default about
             2**27 / V rows.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
+        weight_grad_in_place: add the weight gradient straight into ``weight.grad`` (made as zeros
+            if it is None) instead of handing autograd a new ``[V, H]`` tensor; autograd gets a
+            stride-0 zero gradient, so hooks (and DDP) still run. Saves one weight-sized buffer
+            whenever ``weight.grad`` already exists (gradient accumulation,
+            ``zero_grad(set_to_none=False)``). Eager mode only; ``weight`` must be a leaf; not
+            with ``fp32_grad_accumulation``. At ratio 1 the logits are then recomputed in the
+            backward instead of forming the gradients in the forward (slower).
 
     The backward recomputes logits only for the selected rows, so its matmuls cost in
     proportion to the tokens kept. ``inplace_backward`` is accepted and has no effect here:
@@ -116,9 +124,27 @@ def cggr_linear_cross_entropy(
         _check_same(bias, hidden, "bias")
     if chunk_size is not None:
         check.check_number("chunk_size", chunk_size, 1, float("inf"), integer=True)
+    weight_grad = _weight_grad_mode(weight, fp32_grad_accumulation, weight_grad_in_place)
     ratio = check.check_ratio(ratio, hidden.device)
     return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
-                                    return_info, chunk_size, fp32_grad_accumulation)
+                                    return_info, chunk_size, weight_grad)
+
+
+def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight_grad_in_place: bool) -> str:
+    """How the linear path forms the weight gradient: ``'native'`` (weight dtype), ``'fp32'``
+    or ``'in_place'`` (added into ``weight.grad``)."""
+    if not weight_grad_in_place:
+        return "fp32" if fp32_grad_accumulation else "native"
+    if fp32_grad_accumulation:
+        raise ValueError("weight_grad_in_place adds into weight.grad in its own dtype; "
+                         "it cannot be combined with fp32_grad_accumulation")
+    if torch.compiler.is_compiling():
+        raise ValueError("weight_grad_in_place writes weight.grad from the backward and works in eager mode only, "
+                         "not under torch.compile")
+    if weight.requires_grad and not weight.is_leaf:
+        raise ValueError("weight_grad_in_place needs weight to be a leaf tensor (a parameter): "
+                         "a non-leaf weight has no .grad to add into")
+    return "in_place"
 
 
 def _options(backend: str, **options) -> LossOptions:
@@ -171,7 +197,7 @@ def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, back
 
 def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, opts: LossOptions, backend: str,
                              check_targets: bool, return_info: bool, chunk_size: Optional[int] = None,
-                             fp32_grad_accumulation: bool = False) -> LossOrLossAndInfo:
+                             weight_grad: str = "native") -> LossOrLossAndInfo:
     vocab_size = weight.shape[0]
     impl, seq_shape = prepare(hidden, targets, vocab_size, opts, backend, check_targets)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -180,7 +206,7 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     bound = ratio if isinstance(ratio, float) else None  # a device ratio: no host-side bound
     loss, info = cggr_linear_cross_entropy_apply(
         hidden2d, weight, bias, targets.reshape(-1), impl, ratio, opts, seq_shape, min(chunk_rows, max(n_rows, 1)),
-        max_selected_rows(bound, opts, n_rows, seq_shape), fp32_grad_accumulation, with_info=return_info,
+        max_selected_rows(bound, opts, n_rows, seq_shape), weight_grad, with_info=return_info,
     )
     return _finish(loss, info, targets.shape, opts, return_info)
 

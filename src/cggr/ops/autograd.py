@@ -75,15 +75,21 @@ def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_s
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients.
 
-    The first chunk's weight and bias gradients are written, not added to zeros: a zero fill
-    of ``[V, H]`` costs as much as reading it."""
+    ``weight_grad`` is ``'native'`` (weight dtype), ``'fp32'`` or ``'in_place'``: added straight
+    into ``weight.grad``. Otherwise the first chunk's weight and bias gradients are written, not
+    added to zeros: a zero fill of ``[V, H]`` costs as much as reading it."""
 
-    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, fp32, every_row=False):
-        self.acc_dtype = torch.float32 if fp32 else weight.dtype
+    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, every_row=False):
+        self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
         # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill.
         self.hidden = None if not need_hidden else (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden))
         self.weight_grad = self.bias = None
+        self.in_place = need_weight and weight_grad == "in_place"
+        if self.in_place:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            self.weight_grad = weight.grad
 
     def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
         """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
@@ -109,7 +115,11 @@ class _HeadGrads:
                 return None
             return (grad if scale is None else grad.mul_(scale.to(grad.dtype))).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
-        return scaled(self.hidden, hidden_dtype), scaled(self.weight_grad, weight_dtype), scaled(self.bias, bias_dtype)
+        if self.in_place:  # already in weight.grad; autograd adds a zero that takes no memory
+            weight_grad = self.weight.new_zeros(()).expand(self.weight.shape)
+        else:
+            weight_grad = scaled(self.weight_grad, weight_dtype)
+        return scaled(self.hidden, hidden_dtype), weight_grad, scaled(self.bias, bias_dtype)
 
 
 class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
@@ -124,12 +134,13 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
-                chunk_rows: int, max_selected: int, fp32_grad_accumulation: bool, with_info: bool):
+                chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool):
         valid = targets != opts.ignore_index
-        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
+        # (weight.grad may be written only in the backward, so the in-place mode recomputes.)
+        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none" and weight_grad != "in_place"
         if grads_now:
             grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                               fp32_grad_accumulation, every_row=True)
+                               weight_grad, every_row=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
@@ -145,13 +156,15 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                                                   opts.label_smoothing, opts.z_loss, out=logits)[0]
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
+                del grad_logits  # a view of this chunk's logits: freed before the next chunk is made
             del logits
         if not stats_parts:  # no rows at all
             stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
         stats = RowStats.from_columns(torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
-        ctx.chunk_rows, ctx.max_selected, ctx.fp32 = chunk_rows, max_selected, fp32_grad_accumulation
+        ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
+        ctx.weight = weight if weight_grad == "in_place" else None  # the leaf whose .grad receives the gradient
         ctx.has_bias = bias is not None
         ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
@@ -169,7 +182,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         # Selected rows first (stable, so in index order); the padding rows after them
         # have mask False and contribute exact zeros.
         order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
-        grads = _HeadGrads(hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.fp32)
+        grads = _HeadGrads(hidden, ctx.weight if ctx.weight is not None else weight, ctx.has_bias,
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.weight_grad)
         for rows in _chunks(order.numel(), ctx.chunk_rows):
             index = order[rows]
             h = hidden.index_select(0, index)
@@ -193,9 +207,9 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-                                    chunk_rows, max_selected, fp32_grad_accumulation, with_info=True):
+                                    chunk_rows, max_selected, weight_grad="native", with_info=True):
     outputs = CGGRLinearCrossEntropyFunction.apply(
         hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-        chunk_rows, max_selected, fp32_grad_accumulation, with_info,
+        chunk_rows, max_selected, weight_grad, with_info,
     )
     return _unpack(outputs, with_info)
