@@ -64,7 +64,8 @@ def run(args):
     print(f"{len(files)} files, {train_stream.numel():,} train / {held_out_stream.numel():,} held-out tokens, "
           f"vocab {vocab}, {len(arms)} arms x {args.seeds} seeds, setup {time.perf_counter() - began:.0f} s",
           flush=True)
-    results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__, vocab_size=vocab,
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    results = dict(device=device_name, torch=torch.__version__, vocab_size=vocab,
                    model=model_config.__dict__, train=config.__dict__, frequent_tokens=int(frequent.sum()),
                    corpus_files=len(files), command=" ".join(["python"] + sys.argv), runs=[])
     for seed in range(args.seeds):
