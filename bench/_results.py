@@ -32,6 +32,26 @@ def write_result(kind, out, rows, packages, **fields):
     print("wrote", out)
 
 
+def copy_bandwidth_gbs(n_bytes=4 << 30) -> float:
+    """The GPU's device-to-device copy bandwidth in GB/s (bytes read plus bytes written)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * n_bytes / ms / 1e6
+
+
+def loss_row_note(row: dict) -> str:
+    """The note column of a bench_loss row: its share of the byte floor or of copy bandwidth."""
+    if "pct_of_floor" in row:
+        return f"{row['pct_of_floor']:.0f}% of byte floor"
+    if "pct_copy_bw" in row:
+        return f"{row['pct_copy_bw']:.0f}% of copy bandwidth"
+    return ""
+
+
 def time_and_peak(step, leaves, rep_ms=200, keep_grads=False):
     """(median ms, peak extra bytes) of ``step()`` (a forward+backward into ``leaves``' grads).
 

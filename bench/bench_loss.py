@@ -24,18 +24,10 @@ from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import time_and_peak, write_result  # noqa: E402
+from _results import copy_bandwidth_gbs, loss_row_note, time_and_peak, write_result  # noqa: E402
 
 SHAPES = [(8192, 128256), (8192, 32000), (8192, 151936), (4096, 128256), (32768, 128256)]
 SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm")
-
-
-def copy_bandwidth_gbs(n_bytes=4 << 30):
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    del src, dst
-    return 2 * n_bytes / ms / 1e6
 
 
 def measure(loss_fn, logits, targets):
@@ -132,12 +124,7 @@ def main():
     print(f"\n{'N':>6} {'V':>7}  {'method':<34} {'ms':>8} {'extra GB':>9}  note")
     for row in rows:
         extra = "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:9.2f}"
-        note = ""
-        if "pct_of_floor" in row:
-            note = f"{row['pct_of_floor']:.0f}% of byte floor"
-        if "pct_copy_bw" in row:
-            note = f"{row['pct_copy_bw']:.0f}% of copy bandwidth"
-        print(f"{row['N']:>6} {row['V']:>7}  {row['method']:<34} {row['ms']:8.3f} {extra:>9}  {note}")
+        print(f"{row['N']:>6} {row['V']:>7}  {row['method']:<34} {row['ms']:8.3f} {extra:>9}  {loss_row_note(row)}")
     write_result("loss", args.out, rows, ("triton", "liger-kernel"), copy_bandwidth_gbs=bandwidth, dtype="bfloat16")
 
 

@@ -4,6 +4,10 @@
 """
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _results import loss_row_note  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(__file__), "results")
 
@@ -15,9 +19,8 @@ def loss_table(path):
              "| N | V | method | ms | extra GB | note |", "|---|---|---|---|---|---|"]
     for row in data["rows"]:
         extra = "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:.2f}"
-        note = (f"{row['pct_of_floor']:.0f}% of byte floor" if "pct_of_floor" in row else
-                f"{row['pct_copy_bw']:.0f}% of copy bandwidth" if "pct_copy_bw" in row else "")
-        lines.append(f"| {row['N']} | {row['V']} | {row['method']} | {row['ms']:.3f} | {extra} | {note} |")
+        lines.append(f"| {row['N']} | {row['V']} | {row['method']} | {row['ms']:.3f} | {extra} | "
+                     f"{loss_row_note(row)} |")
     return "\n".join(lines)
 
 

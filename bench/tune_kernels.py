@@ -15,6 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _results import copy_bandwidth_gbs  # noqa: E402
+
 STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (1024, 4), (2048, 4), (4096, 4), (4096, 8),
                  (8192, 8)]
 
@@ -30,10 +33,7 @@ def main():
     lse = torch.randn(n, device="cuda")
     coef = torch.rand(n, device="cuda")
     mask = torch.rand(n, device="cuda") < 0.25
-    src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6
-    del src, dst
+    bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth {bandwidth:.0f} GB/s; N={n} V={v} bf16")
     nbytes = n * v * 2
     scorings = ("combined", "entropy", "gradnorm")

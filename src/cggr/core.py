@@ -48,13 +48,12 @@ def mean_denominator(opts: LossOptions, n_valid: torch.Tensor, n_selected: torch
     return (n_valid if opts.selection == "importance" else n_selected).clamp(min=1)
 
 
-def reduce_rows(weighted: torch.Tensor, opts: LossOptions, n_valid: torch.Tensor,
-                n_selected: torch.Tensor) -> torch.Tensor:
-    """Reduce ``[N]`` weighted per-row losses (0 on unselected rows) as ``opts.reduction`` says."""
+def reduce_rows(weighted: torch.Tensor, opts: LossOptions, denominator: Optional[torch.Tensor]) -> torch.Tensor:
+    """Reduce ``[N]`` weighted per-row losses (0 on unselected rows) as ``opts.reduction`` says;
+    ``denominator`` is :func:`mean_denominator`'s."""
     if opts.reduction == "none":
         return weighted
     total = weighted.sum()
-    denominator = mean_denominator(opts, n_valid, n_selected)
     return total if denominator is None else total / denominator  # int64 divisor: the result stays float
 
 
@@ -124,7 +123,7 @@ def _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape):
     )
     weighted = torch.where(mask, weight * stats.loss, 0.0)  # where: an unselected row may hold a NaN loss
     n_selected = mask.sum()
-    loss = reduce_rows(weighted, opts, n_valid, n_selected)
     denominator = mean_denominator(opts, n_valid, n_selected)
+    loss = reduce_rows(weighted, opts, denominator)
     coef = weight if denominator is None else weight / denominator
     return mask, weight, coef, loss, n_valid, n_selected

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from .core import reduce_rows, select_and_reduce
+from .core import mean_denominator, reduce_rows, select_and_reduce
 from .functional import prepare, run_cross_entropy
 from .info import CGGRInfo
 from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
@@ -129,7 +129,7 @@ class CGGRLoss(nn.Module):
         chosen = self.base_loss(rows.index_select(0, index), flat_targets.index_select(0, index))
         chosen = chosen.reshape(-1) * info.weight.index_select(0, index).to(chosen.dtype)
         weighted = torch.zeros(rows.shape[0], dtype=chosen.dtype, device=rows.device).index_put((index,), chosen)
-        loss = reduce_rows(weighted, opts, info.n_valid, info.n_selected)
+        loss = reduce_rows(weighted, opts, mean_denominator(opts, info.n_valid, info.n_selected))
         return (loss.reshape(targets.shape) if opts.reduction == "none" else loss), info.reshape_rows(targets.shape)
 
     # -- metrics ----------------------------------------------------------------------------

@@ -164,7 +164,6 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
-        ctx.weight = weight if weight_grad == "in_place" else None  # the leaf whose .grad receives the gradient
         ctx.has_bias = bias is not None
         ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
@@ -182,8 +181,9 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         # Selected rows first (stable, so in index order); the padding rows after them
         # have mask False and contribute exact zeros.
         order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
-        grads = _HeadGrads(hidden, ctx.weight if ctx.weight is not None else weight, ctx.has_bias,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.weight_grad)
+        # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
+        grads = _HeadGrads(hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                           ctx.weight_grad)
         for rows in _chunks(order.numel(), ctx.chunk_rows):
             index = order[rows]
             h = hidden.index_select(0, index)
