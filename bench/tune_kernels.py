@@ -1,9 +1,11 @@
 """Sweep launch configurations of the two Triton kernels and profile one forward+backward.
 
     python bench/tune_kernels.py [N V] [--stats-only]
+    python bench/tune_kernels.py --select
 
 Prints the bandwidth each configuration reaches (bytes moved / median time) against the
 copy bandwidth, and the profiler's kernel table for cggr_cross_entropy at ratio 0.25.
+``--select`` times the one-program ``topk`` selection instead, for several row counts.
 """
 import os
 import sys
@@ -23,8 +25,32 @@ STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (1024, 4),
 
 GRAD_CONFIGS = [(8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
+SELECT_CONFIGS = [(2048, 8), (4096, 8), (4096, 16), (8192, 8), (8192, 16), (8192, 32), (16384, 16), (16384, 32)]
+
+
+def tune_select():
+    """Median time of the one-program selection (ratio 0.25, then 1.0) per (rows per step, warps)."""
+    defaults = dict(triton_backend.CONFIGS)
+    from cggr.core import LossOptions
+    row_counts = (4096, 8192, 32768)
+    print(f"{'rows/step':>9} {'warps':>5}" + "".join(f" {f'N={n} ms':>12}" for n in row_counts) + "  (ratio 1.0)")
+    cases = []
+    for n in row_counts:
+        logits = torch.randn(1, n, 256, device="cuda", dtype=torch.bfloat16)
+        targets = torch.randint(0, 256, (n,), device="cuda")
+        valid = torch.rand(n, device="cuda") < 0.9
+        cases.append((triton_backend.row_stats(logits, targets, valid, LossOptions()), valid))
+    for config in SELECT_CONFIGS:
+        triton_backend.CONFIGS["select"] = config
+        times = [do_bench(lambda: triton_backend.select_topk(stats, valid, ratio, "mean"), return_mode="median")
+                 for ratio in (0.25, 1.0) for stats, valid in cases]
+        print(f"{config[0]:>9} {config[1]:>5}" + "".join(f" {t:12.4f}" for t in times))
+    triton_backend.CONFIGS.update(defaults)
+
 
 def main():
+    if "--select" in sys.argv:
+        return tune_select()
     sizes = [int(a) for a in sys.argv[1:] if not a.startswith("--")]
     n, v = sizes if sizes else (8192, 128256)
     logits = torch.randn(1, n, v, device="cuda", dtype=torch.bfloat16)
@@ -34,27 +60,28 @@ def main():
     coef = torch.rand(n, device="cuda")
     mask = torch.rand(n, device="cuda") < 0.25
     bandwidth = copy_bandwidth_gbs()
+    defaults = dict(triton_backend.CONFIGS)
     print(f"copy bandwidth {bandwidth:.0f} GB/s; N={n} V={v} bf16")
     nbytes = n * v * 2
     scorings = ("combined", "entropy", "gradnorm")
     print(f"{'BLOCK_V':>7} {'warps':>5}" + "".join(f" {s + ' ms':>12} {'%bw':>4}" for s in scorings))
     for config in STATS_CONFIGS:
-        os.environ["CGGR_STATS_CONFIG"] = ",".join(map(str, config))
+        triton_backend.CONFIGS["stats"] = triton_backend.CONFIGS["stats_extra"] = config
         times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, scoring, 0.0, 0.0),
                           return_mode="median") for scoring in scorings]
         print(f"{config[0]:>7} {config[1]:>5}"
               + "".join(f" {t:12.3f} {100 * nbytes / t / 1e6 / bandwidth:4.0f}" for t in times))
     if "--stats-only" in sys.argv:
         return
-    del os.environ["CGGR_STATS_CONFIG"]
+    triton_backend.CONFIGS.update(defaults)
     grad_bytes = nbytes * (1 + mask.float().mean().item())
     print(f"{'grad BLOCK_V':>13} {'warps':>5} {'ms (25% rows)':>14} {'%bw':>4}")
     for config in GRAD_CONFIGS:
-        os.environ["CGGR_GRAD_CONFIG"] = ",".join(map(str, config))
+        triton_backend.CONFIGS["grad"] = config
         t = do_bench(lambda: triton_backend.logits_grad_op(logits, targets, lse, coef, mask, 0.0, 0.0),
                      return_mode="median")
         print(f"{config[0]:>13} {config[1]:>5} {t:14.3f} {100 * grad_bytes / t / 1e6 / bandwidth:4.0f}")
-    del os.environ["CGGR_GRAD_CONFIG"]
+    triton_backend.CONFIGS.update(defaults)
 
     x = logits[0].clone().requires_grad_(True)
 

@@ -50,6 +50,26 @@ def test_large_vocab_matches_reference(dtype, vocab):
     assert_backends_agree(triton_result, torch_result, 1e-4, TOL[dtype])
 
 
+def test_cached_launches_respecialise_on_alignment_and_dtype():
+    """The launch cache (cggr.ops.launch) must not reuse a kernel compiled for 16-byte aligned
+    rows (vectorised loads) on unaligned ones, nor one compiled for another dtype: the same
+    shapes alternate between an aligned buffer, a view one element in, and float16."""
+    torch.manual_seed(5)
+    vocab = 4096
+    storage = (torch.randn(64 * vocab + 1, device="cuda") * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (64,), device="cuda")
+    for _ in range(2):  # the second round runs every variant from the cache
+        for offset, dtype in ((0, torch.bfloat16), (1, torch.bfloat16), (1, torch.float16)):
+            out = []
+            for backend in ("triton", "torch"):
+                base = storage.to(dtype).clone().requires_grad_(True)
+                logits = base[offset:offset + 64 * vocab].view(64, vocab)  # not a copy: offset stays unaligned
+                loss, info = cggr_cross_entropy(logits, targets, 0.5, backend=backend, return_info=True)
+                loss.backward()
+                out.append((loss.detach(), base.grad[offset:offset + 64 * vocab].view(64, vocab), info))
+            assert_backends_agree(*out, 1e-4, TOL[dtype])
+
+
 def test_extreme_logits_and_neg_inf():
     torch.manual_seed(1)
     vocab = 50257

@@ -1,5 +1,6 @@
 """The Triton kernels (under TRITON_INTERPRET=1 on CPU) against the reference backend."""
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_many_small_blocks(monkeypatch, scoring, vocab):
     are 16-byte aligned, so the kernel folds its accumulators (4 lanes into one); 101 are not."""
     from cggr.ops import triton_backend
 
-    monkeypatch.setattr(triton_backend, "launch_config", lambda vocab_size, kind: {"BLOCK_V": 16})
+    monkeypatch.setattr(triton_backend, "launch_config", lambda length, kind, block_name="BLOCK_V": {block_name: 16})
     g = torch.Generator().manual_seed(8)
     logits = torch.randint(-3, 4, (2, 12, vocab), generator=g).float()  # small integers: many ties
     assert triton_backend._fold_width(logits, {"BLOCK_V": 16}) == (4 if vocab % 16 == 0 else 1)
@@ -137,10 +138,12 @@ def test_many_small_blocks(monkeypatch, scoring, vocab):
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 300), levels=st.integers(1, 6), ratio=st.floats(0.01, 1.0), device_ratio=st.booleans(),
        reduction=st.sampled_from(["mean", "sum", "none"]), invalid=st.floats(0.0, 1.0), nan=st.booleans(),
-       seed=st.integers(0, 999))
-def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan, seed):
+       seed=st.integers(0, 999), chunk=st.sampled_from([None, 32]))
+def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan, seed,
+                                                       chunk):
     """On the same statistics the Triton topk (radix select) and the PyTorch one (stable sort)
-    choose exactly the same rows, ties included, and reduce to the same loss."""
+    choose exactly the same rows, ties included, and reduce to the same loss; also when the
+    selection walks the rows in several steps (``chunk``), carrying the tie count across them."""
     from cggr.core import LossOptions, _select_and_reduce_rows
     from cggr.ops import triton_backend
     from cggr.scoring import RowStats
@@ -154,7 +157,9 @@ def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_
     columns[~valid] = 0.0
     stats = RowStats.from_columns(columns)
     spec = torch.tensor(ratio, dtype=torch.float64) if device_ratio else ratio
-    got = triton_backend.select_topk(stats, valid, spec, reduction)
+    config = triton_backend.launch_config if chunk is None else (lambda length, kind, block_name: {block_name: chunk})
+    with mock.patch.object(triton_backend, "launch_config", config):
+        got = triton_backend.select_topk(stats, valid, spec, reduction)
     want = _select_and_reduce_rows(stats, valid, spec, LossOptions(reduction=reduction), None)
     assert torch.equal(got[0], want[0])  # mask
     for a, b in zip(got[1:], want[1:]):

@@ -5,8 +5,9 @@ Imported lazily (on first use of a CUDA tensor or ``backend='triton'``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-import os
 import struct
 from typing import Optional
 
@@ -15,32 +16,33 @@ import triton
 
 from ..scoring import SCORINGS, RowStats, scoring_reads
 from . import triton_interpreting
+from .launch import launch
 from .reference import compute_dtype
 from .triton_kernels import logits_grad_kernel, row_stats_kernel, select_topk_kernel
 
 _N_STATS = len(RowStats._fields)
+_SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index("loss")
 
 
-# (BLOCK_V, num_warps) chosen on an H100 with bench/tune_kernels.py. The kernel is short of
-# instructions; with the extra accumulators of margin, combined and gradnorm ("stats_extra")
-# smaller blocks do better.
-_CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16)}
+# (block, num_warps) chosen with bench/tune_kernels.py (which overwrites entries to sweep them).
+# The statistics kernel is short of instructions; with the extra accumulators of margin,
+# combined and gradnorm ("stats_extra") smaller blocks do better. The block is BLOCK_V for the
+# row kernels and the rows per step of the one-program selection.
+CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16), "select": (4096, 16)}
+
+# Fixed when the kernels were decorated: TRITON_INTERPRET is read at import.
+_INTERPRETING = triton_interpreting()
 
 
-def _env_override(name: str, default):
-    """``CGGR_STATS_CONFIG=1024,4``-style overrides, for tuning runs only."""
-    text = os.environ.get(name)
-    return default if not text else tuple(int(v) for v in text.split(","))
-
-
-def launch_config(vocab_size: int, kind: str) -> dict:
-    """Launch parameters of the ``'stats'``, ``'stats_extra'`` or ``'grad'`` kernel. The
-    interpreter costs per loop iteration, so it gets one large block."""
-    interpreting = triton_interpreting()
-    block, warps = _env_override("CGGR_GRAD_CONFIG" if kind == "grad" else "CGGR_STATS_CONFIG", _CONFIGS[kind])
-    if interpreting:
-        return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), 1 << 16)}
-    return {"BLOCK_V": min(triton.next_power_of_2(vocab_size), block), "num_warps": warps}
+def launch_config(length: int, kind: str, block_name: str = "BLOCK_V") -> dict:
+    """Launch parameters of the ``'stats'``, ``'stats_extra'``, ``'grad'`` or ``'select'`` kernel
+    over ``length`` elements (the vocabulary, or the rows for ``'select'``). The interpreter
+    costs per loop iteration, so it gets one large block."""
+    whole = 1 << max(length - 1, 0).bit_length()  # the next power of 2 (triton's is a slower jit function)
+    if _INTERPRETING:
+        return {block_name: min(whole, 1 << 16)}
+    block, warps = CONFIGS[kind]
+    return {block_name: min(whole, block), "num_warps": warps}
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -48,9 +50,13 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _device_guard(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else torch.device(tensor.device)
+    """Triton launches on the current device: make it the tensor's."""
+    if not tensor.is_cuda or tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
+@functools.lru_cache(maxsize=256)
 def _hi_lo(value: float):
     """``value`` as two float32 kernel arguments whose sum holds it to ~48 bits (a Python float
     argument reaches a Triton kernel as float32, too coarse for float64 rows)."""
@@ -71,7 +77,8 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
     need_second, need_sum_sq = scoring_reads(scoring)
     config = launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats")
     with _device_guard(logits):
-        row_stats_kernel[(n_rows,)](
+        launch(
+            row_stats_kernel, n_rows,
             logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
@@ -111,7 +118,8 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
     with _device_guard(logits):
-        logits_grad_kernel[(batch * seq_len,)](
+        launch(
+            logits_grad_kernel, batch * seq_len,
             logits, grad, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
             grad.stride(0), grad.stride(1), lse.stride(0), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
@@ -190,24 +198,26 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     n_rows = base.numel()
     if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != _N_STATS:
         return None
-    for name in ("score", "loss"):  # both columns of the same [N, 9] block as lse
-        if getattr(stats, name).data_ptr() != base.data_ptr() + base.element_size() * RowStats._fields.index(name):
+    for column, index in ((stats.score, _SCORE_COL), (stats.loss, _LOSS_COL)):  # in the same [N, 9] block as lse
+        if column.data_ptr() != base.data_ptr() + base.element_size() * index:
             return None
     device = base.device
     mask = torch.empty(n_rows, dtype=torch.bool, device=device)
     weight = torch.empty(n_rows, dtype=torch.float32, device=device)
     coef = torch.empty(n_rows, dtype=torch.float32, device=device)
-    row_loss = torch.empty(n_rows if reduction == "none" else 1, dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if reduction == "none" else loss
     counts = torch.empty(2, dtype=torch.int64, device=device)
     from_ptr = isinstance(ratio, torch.Tensor)
     hi, lo = (0.0, 0.0) if from_ptr else _hi_lo(float(ratio))
-    chunk = min(triton.next_power_of_2(n_rows), 1 << 16 if triton_interpreting() else 2048)
     with _device_guard(base):
-        select_topk_kernel[(1,)](  # with a float ratio, ``counts`` stands in for the unread ratio pointer
+        # Stand-ins for pointers the kernel does not use: ``counts`` for a float ratio, ``loss``
+        # for the per-row losses unless reduction is 'none'.
+        launch(
+            select_topk_kernel, 1,
             base, valid, ratio if from_ptr else counts, hi, lo, mask, weight, coef, row_loss, loss, counts, n_rows,
-            STATS_WIDTH=_N_STATS, SCORE_COL=RowStats._fields.index("score"), LOSS_COL=RowStats._fields.index("loss"),
-            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction], CHUNK=chunk,
-            **({} if triton_interpreting() else {"num_warps": 8}),
+            STATS_WIDTH=_N_STATS, SCORE_COL=_SCORE_COL, LOSS_COL=_LOSS_COL,
+            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction],
+            **launch_config(n_rows, "select", block_name="CHUNK"),
         )
-    return mask, weight, coef, row_loss if reduction == "none" else loss, counts[0], counts[1]
+    return mask, weight, coef, row_loss, counts[0], counts[1]
