@@ -28,7 +28,7 @@ _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index(
 # The statistics kernel is short of instructions; with the extra accumulators of margin,
 # combined and gradnorm ("stats_extra") smaller blocks do better. The block is BLOCK_V for the
 # row kernels and the rows per step of the one-program selection.
-CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16), "select": (4096, 16)}
+CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16), "select": (8192, 16)}
 
 # Fixed when the kernels were decorated: TRITON_INTERPRET is read at import.
 _INTERPRETING = triton_interpreting()
@@ -210,6 +210,7 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     counts = torch.empty(2, dtype=torch.int64, device=device)
     from_ptr = isinstance(ratio, torch.Tensor)
     hi, lo = (0.0, 0.0) if from_ptr else _hi_lo(float(ratio))
+    config = launch_config(n_rows, "select", block_name="CHUNK")
     with _device_guard(base):
         # Stand-ins for pointers the kernel does not use: ``counts`` for a float ratio, ``loss``
         # for the per-row losses unless reduction is 'none'.
@@ -217,7 +218,7 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
             select_topk_kernel, 1,
             base, valid, ratio if from_ptr else counts, hi, lo, mask, weight, coef, row_loss, loss, counts, n_rows,
             STATS_WIDTH=_N_STATS, SCORE_COL=_SCORE_COL, LOSS_COL=_LOSS_COL,
-            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction],
-            **launch_config(n_rows, "select", block_name="CHUNK"),
+            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction], ONE_STEP=n_rows <= config["CHUNK"],
+            **config,
         )
     return mask, weight, coef, row_loss, counts[0], counts[1]

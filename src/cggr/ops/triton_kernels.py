@@ -236,7 +236,7 @@ def select_topk_kernel(
     stats_ptr, valid_ptr, ratio_ptr, ratio_hi, ratio_lo,
     mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
     STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr,
-    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr,
+    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
 ):
     """The whole ``topk`` selection and reduction in one program (float32 statistics): k from
     the valid count, the k-th hardest score by a 4-pass radix select on its bits, ties to the
@@ -244,8 +244,11 @@ def select_topk_kernel(
     PyTorch ops, whose launches cost the host more than this costs the GPU.
 
     Scores lie in [0, 1] (NaN ranks hardest), so their float32 bits order like the numbers.
-    REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected)."""
+    REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
+    walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
+    kept in registers."""
     cols = tl.arange(0, CHUNK)
+    first_key, first_valid = _topk_key(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
     n_valid = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
@@ -273,8 +276,8 @@ def select_topk_kernel(
             shift = 24 - 8 * digit_index
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, n_rows, CHUNK):
-                offs = start + cols
-                key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+                key, valid = _step_keys(first_key, first_valid, stats_ptr, valid_ptr, start + cols, n_rows,
+                                        STATS_WIDTH, SCORE_COL, ONE_STEP)
                 if digit_index > 0:
                     valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
@@ -293,7 +296,8 @@ def select_topk_kernel(
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
         in_range = offs < n_rows
-        key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+        key, valid = _step_keys(first_key, first_valid, stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL,
+                                ONE_STEP)
         tie = valid & (key == prefix)
         tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
         chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
@@ -310,6 +314,17 @@ def select_topk_kernel(
     tl.store(loss_ptr, total * scale)
     tl.store(counts_ptr, n_valid)
     tl.store(counts_ptr + 1, k)
+
+
+@triton.jit
+def _step_keys(first_key, first_valid, stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr,
+               SCORE_COL: tl.constexpr, ONE_STEP: tl.constexpr):
+    """The keys of rows ``offs``: those read at the start when there is one step only."""
+    if ONE_STEP:
+        key, valid = first_key, first_valid
+    else:
+        key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+    return key, valid
 
 
 @triton.jit
