@@ -1,10 +1,13 @@
 """Where one forward+backward spends its time: host (Python and launches) against GPU kernels.
 
-    python bench/profile_step.py [--linear]
+    python bench/profile_step.py [--linear] [--host]
 
 For each case prints the do_bench median (what bench_loss.py reports), the host time per call
 (measured on a tiny vocabulary, so the GPU never holds the host back), the summed GPU kernel
-time per call from the profiler, the kernel count, and the costliest kernels.
+time per call from the profiler, the kernel count, and the costliest kernels. ``--host`` first
+prints the host microseconds of each backend entry point and of a whole call (64 rows, V=256:
+only the host counts), with the backward on the autograd engine's thread and on the caller's,
+then a cProfile of a small step.
 """
 import argparse
 import os
@@ -87,6 +90,53 @@ def linear_step(n, h, v, kw):
     return step
 
 
+def host_us(fn, calls=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6 / calls
+
+
+def entry_point_costs():
+    """Host microseconds a call of each backend entry point and of the whole loss."""
+    from cggr.core import LossOptions
+    from cggr.ops import triton_backend as backend
+
+    n, v = 64, 256
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    rows, valid = x.detach()[None], t != -100
+    stats = backend.row_stats(rows, t, valid, LossOptions())
+
+    def loss_step():
+        cggr_cross_entropy(x, t, 0.25, check_targets=False).backward()
+        x.grad = None
+
+    def loss_step_one_thread():
+        with torch.autograd.set_multithreading_enabled(False):
+            loss_step()
+
+    def forward_only():
+        with torch.no_grad():
+            cggr_cross_entropy(x, t, 0.25, check_targets=False)
+
+    cases = [
+        ("statistics (_row_stats)", lambda: backend._row_stats(rows, t, valid, "combined", 0.0, 0.0)),
+        ("selection (select_topk)", lambda: backend.select_topk(stats, valid, 0.25, "mean")),
+        ("gradient (_new_logits_grad)", lambda: backend._new_logits_grad(rows, t, stats.lse, stats.lse, valid,
+                                                                         0.0, 0.0)),
+        ("forward, no grad", forward_only),
+        ("forward+backward", loss_step),
+        ("forward+backward, one thread", loss_step_one_thread),
+    ]
+    for name, fn in cases:
+        print(f"{name:<32} {host_us(fn):7.1f} us")
+
+
 def host_profile(step, calls=200):
     """Where the host time of ``step`` goes: Python functions, then aten ops and launches."""
     import cProfile
@@ -115,6 +165,7 @@ def main():
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.host:
+        entry_point_costs()
         host_profile(loss_step(8192, 256, LOSS_CASES[0][2]))
     for n, v, kw in LOSS_CASES:
         report(f"loss N={n} V={v} {kw}", loss_step(n, v, kw), loss_step(n, 256, kw))
