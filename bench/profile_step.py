@@ -34,8 +34,8 @@ LINEAR_CASES = [
 ]
 
 
-def host_ms(step, calls=200):
-    for _ in range(10):
+def host_ms(step, calls=200, warmup=10):
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -90,17 +90,6 @@ def linear_step(n, h, v, kw):
     return step
 
 
-def host_us(fn, calls=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e6 / calls
-
-
 def entry_point_costs():
     """Host microseconds a call of each backend entry point and of the whole loss."""
     from cggr.core import LossOptions
@@ -134,7 +123,7 @@ def entry_point_costs():
         ("forward+backward, one thread", loss_step_one_thread),
     ]
     for name, fn in cases:
-        print(f"{name:<32} {host_us(fn):7.1f} us")
+        print(f"{name:<32} {1e3 * host_ms(fn, calls=2000, warmup=50):7.1f} us")
 
 
 def host_profile(step, calls=200):

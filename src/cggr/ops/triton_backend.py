@@ -94,8 +94,8 @@ def _fold_width(logits: torch.Tensor, config: dict) -> int:
     aligned (pointer and strides multiples of 16, the divisibility it specialises on);
     otherwise each thread's elements are strided and folding would cost shuffles, so 1."""
     aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.stride(1) % 16 == 0
-    interpreting = "num_warps" not in config  # the interpreter has no threads: any fold works
-    per_thread = config["BLOCK_V"] if interpreting else config["BLOCK_V"] // (32 * config["num_warps"])
+    # The interpreter has no threads: any fold works.
+    per_thread = config["BLOCK_V"] if _INTERPRETING else config["BLOCK_V"] // (32 * config["num_warps"])
     return max(1, min(16 // logits.element_size(), per_thread)) if aligned else 1
 
 
