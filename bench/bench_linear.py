@@ -1,6 +1,7 @@
 """Forward+backward of the LM head plus loss: cggr_linear_cross_entropy against the plain path.
 
     python bench/bench_linear.py [--out bench/results/linear_<gpu>.json]
+    python bench/bench_linear.py --held    # ratio 1 in place: time and memory per held share
 
 Methods: ``h @ W.T`` + F.cross_entropy (bf16 logits, and fp32-upcast logits), cggr's linear path
 at ratio 0.25 and 1.0, Liger-Kernel's fused linear cross entropy and cut-cross-entropy when
@@ -62,11 +63,36 @@ def measure(fn, hidden, weight, targets, keep_grads):
     return time_and_peak(lambda: fn(h, w, targets).backward(), [h, w], rep_ms=300, keep_grads=keep_grads)
 
 
+def sweep_held(n=8192, h_dim=4096, v=128256):
+    """Ratio 1 with ``weight_grad_in_place``: the forward holds the gradient of the last weight
+    rows (about ``_HELD_CHUNKS`` chunks of logits), the backward recomputes the other columns."""
+    from cggr.ops import autograd
+
+    hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5
+    targets = torch.randint(0, v, (n,), device="cuda")
+    plain_ms, plain_peak = measure(methods()["h @ W.T + F.cross_entropy (bf16)"], hidden, weight, targets, True)
+    print(f"plain (grads kept) {plain_ms:.2f} ms {plain_peak / 1e9:.2f} GB")
+    print(f"{'held chunks':>11} {'held rows':>9} {'ms':>8} {'x plain':>8} {'extra GB':>9} {'% plain':>8}")
+    default = autograd._HELD_CHUNKS
+    chunk_rows = (1 << 27) // v
+    for held in (0, 1, 1.5, 2, 2.5, 3):
+        autograd._HELD_CHUNKS = held
+        held_rows = v - autograd._recomputed_columns(v, h_dim, chunk_rows, "in_place")
+        ms, peak = measure(IN_PLACE["cggr linear r=1.0 weight_grad_in_place"], hidden, weight, targets, True)
+        print(f"{held:>11} {held_rows:>9} {ms:8.2f} {ms / plain_ms:8.3f} {peak / 1e9:9.2f} "
+              f"{100 * peak / plain_peak:8.1f}")
+    autograd._HELD_CHUNKS = default
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--held", action="store_true", help="sweep the held share of ratio 1 in place")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.held:
+        return sweep_held()
     rows = []
     for n, h_dim, v in SHAPES:
         hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)

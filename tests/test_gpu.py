@@ -223,9 +223,11 @@ def test_linear_path_compiles_and_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer():
+@pytest.mark.parametrize("ratio,chunk_size", [(0.25, 256), (1.0, 64)])
+def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer(ratio, chunk_size):
     """With weight.grad already there, the in-place mode adds into it: the same gradient, and
-    the step's peak extra memory stays below one weight's size (the default mode needs one more)."""
+    the step's peak extra memory stays below one weight's size (the default mode needs one more).
+    At ratio 1 with 64-row chunks the forward holds the gradient of a quarter of the weight."""
     torch.manual_seed(5)
     hidden = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(32768, 512, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_(True)
@@ -238,8 +240,8 @@ def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        cggr_linear_cross_entropy(hidden, weight, targets, 0.25, check_targets=False, chunk_size=256,
-                                  weight_grad_in_place=in_place).backward()
+        cggr_linear_cross_entropy(hidden, weight, targets, ratio, check_targets=False, chunk_size=chunk_size,
+                                  label_smoothing=0.1, weight_grad_in_place=in_place).backward()
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - before)
         grads.append((weight.grad.clone(), hidden.grad.clone()))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy
+from cggr.ops import autograd, get_backend
 from cggr.selection import SELECTIONS
 
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -120,10 +121,15 @@ def test_empty_batch_gives_zero_loss_and_gradients(backend, ratio):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ratio", [0.4, 1.0])
-def test_weight_grad_in_place_accumulates_like_autograd(backend, ratio):
+@pytest.mark.parametrize("ratio,held_chunks", [(0.4, None), (1.0, None), (1.0, 0.3)])
+def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ratio, held_chunks):
     """The in-place mode leaves in weight.grad what autograd would: created when None, added to
-    when it exists, scaled by the upstream gradient; hooks on the weight still run."""
+    when it exists, scaled by the upstream gradient; hooks on the weight still run. At ratio 1
+    the forward holds the gradient of the last weight rows (all of them at this size, or 5 of
+    37 with ``held_chunks``) and the backward recomputes the logits of the other columns."""
+    if held_chunks is not None:
+        monkeypatch.setattr(autograd, "_HELD_CHUNKS", held_chunks)
+        assert autograd._recomputed_columns(37, 6, 5, "in_place") == 32
     hidden, weight, bias, targets = _problem(seed=4)
     hooks = []
     results = {}
@@ -134,12 +140,30 @@ def test_weight_grad_in_place_accumulates_like_autograd(backend, ratio):
         w.register_hook(lambda grad: hooks.append(grad.shape))
         for upstream in (1.0, 2.5):  # the second step adds to the existing weight.grad
             loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=5, backend=backend,
-                                             weight_grad_in_place=in_place)
+                                             label_smoothing=0.1, z_loss=1e-3, weight_grad_in_place=in_place)
             (upstream * loss).backward()
         results[in_place] = (w.grad, h.grad, b.grad)
     assert hooks == [weight.shape] * 4
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_grad_of_the_leading_columns(backend):
+    """Given only the first columns of each row (and the full vocabulary size), the gradient is
+    those columns of the full gradient: smoothing spread over all V, the target's term only
+    where the target is among the columns."""
+    impl = get_backend(backend, torch.device("cpu"))
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(1, 6, 40, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 11, 12, 25, 39, 3])
+    lse = torch.logsumexp(logits[0], dim=1)
+    coef = torch.rand(6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([True, True, True, True, True, False])
+    full = impl.logits_grad(logits, targets, lse, coef, mask, 0.1, 1e-3)
+    leading = logits[..., :12].clone()
+    part = impl.logits_grad(leading, targets, lse, coef, mask, 0.1, 1e-3, out=leading, vocab_size=40)
+    torch.testing.assert_close(part, full[..., :12])
 
 
 def test_weight_grad_in_place_with_a_tied_weight():

@@ -3,8 +3,9 @@
 A backend is any object with
 
 * ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions) -> RowStats``
-* ``logits_grad(logits [B, T, V], targets, lse, coef, mask, label_smoothing, z_loss,
-  grad_scale=None, out=None) -> [B, T, V]`` that is exactly 0 on rows where ``mask`` is False.
+* ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, label_smoothing, z_loss,
+  grad_scale=None, out=None, vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where
+  ``mask`` is False; ``logits`` may hold only the first V' of ``vocab_size`` columns.
 * optionally ``select_topk(stats, valid, ratio, reduction)``: see :func:`cggr.core.select_and_reduce`.
 """
 from __future__ import annotations
@@ -72,31 +73,54 @@ def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_s
     return _unpack(outputs, with_info)
 
 
+# At ratio 1 with ``weight_grad='in_place'`` the forward may not write weight.grad yet, so it holds
+# the gradient of the last weight rows in a buffer of about this many chunks of logits and the
+# backward recomputes the logits of the leading columns only: each held row saves 2·N·H
+# FLOPs of recomputation for H elements of memory.
+_HELD_CHUNKS = 2
+
+
+def _recomputed_columns(vocab_size: int, hidden_dim: int, chunk_rows: int, weight_grad: str) -> int:
+    """How many leading vocabulary columns the backward recomputes at ratio 1 (0: none)."""
+    if weight_grad != "in_place":
+        return 0
+    held_rows = min(vocab_size, int(_HELD_CHUNKS * chunk_rows * vocab_size) // hidden_dim)
+    return min(vocab_size, -(-(vocab_size - held_rows) // 8) * 8)  # held columns start 16-byte aligned
+
+
+def _existing_grad(weight: torch.Tensor) -> torch.Tensor:
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    return weight.grad
+
+
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients.
 
-    ``weight_grad`` is ``'native'`` (weight dtype), ``'fp32'`` or ``'in_place'``: added straight
-    into ``weight.grad``. Otherwise the first chunk's weight and bias gradients are written, not
-    added to zeros: a zero fill of ``[V, H]`` costs as much as reading it."""
+    The weight gradient covers the weight rows ``vocab_rows`` and goes to a buffer ('native':
+    weight dtype, 'fp32') or into ``weight.grad`` ('in_place'): chunk by chunk, or in
+    :meth:`result` when ``defer`` (the forward may not write weight.grad). A buffer is written
+    by the first chunk, not added to zeros: a zero fill of [V, H] costs as much as reading it."""
 
-    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, every_row=False):
+    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, *, every_row=False,
+                 vocab_rows=slice(None), defer=False):
         self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
+        self.vocab_rows, self.defer = vocab_rows, defer
         # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill.
         self.hidden = None if not need_hidden else (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden))
         self.weight_grad = self.bias = None
         self.in_place = need_weight and weight_grad == "in_place"
-        if self.in_place:
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            self.weight_grad = weight.grad
+        if self.in_place and not defer:
+            self.weight_grad = _existing_grad(weight)[vocab_rows]
 
     def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
-        """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
+        """``grad_logits`` [C, V'] are the logits gradients of rows ``index`` [C] (hidden ``h``
+        [C, H]) over the first V' columns of the vocabulary."""
         if self.hidden is not None:
-            self.hidden.index_copy_(0, index, grad_logits @ self.weight)
+            self.hidden.index_copy_(0, index, grad_logits @ self.weight[: grad_logits.shape[1]])
         if self.need_weight:
-            g, x = grad_logits.t().to(self.acc_dtype), h.to(self.acc_dtype)
+            g, x = grad_logits[:, self.vocab_rows].t().to(self.acc_dtype), h.to(self.acc_dtype)
             self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
         if self.has_bias:
             column_sums = grad_logits.sum(0, dtype=self.acc_dtype)
@@ -104,20 +128,21 @@ class _HeadGrads:
 
     def result(self, weight_dtype, bias_dtype, scale: Optional[torch.Tensor] = None):
         """(grad_hidden, grad_weight, grad_bias), times ``scale`` (the upstream gradient) if given."""
-        vocab_size = self.weight.shape[0]
-        if self.need_weight and self.weight_grad is None:  # no row was selected
-            self.weight_grad = self.weight.new_zeros(self.weight.shape, dtype=self.acc_dtype)
-        if self.has_bias and self.bias is None:
-            self.bias = self.weight.new_zeros(vocab_size, dtype=self.acc_dtype)
+        if self.has_bias and self.bias is None:  # no row was selected
+            self.bias = self.weight.new_zeros(self.weight.shape[0], dtype=self.acc_dtype)
 
         def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
             if grad is None:
                 return None
             return (grad if scale is None else grad.mul_(scale.to(grad.dtype))).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
-        if self.in_place:  # already in weight.grad; autograd adds a zero that takes no memory
+        if self.in_place:  # in weight.grad; autograd adds a zero that takes no memory
+            if self.defer and self.weight_grad is not None:
+                _existing_grad(self.weight)[self.vocab_rows].add_(scaled(self.weight_grad, weight_dtype))
             weight_grad = self.weight.new_zeros(()).expand(self.weight.shape)
         else:
+            if self.need_weight and self.weight_grad is None:
+                self.weight_grad = self.weight.new_zeros(self.weight.shape, dtype=self.acc_dtype)
             weight_grad = scaled(self.weight_grad, weight_dtype)
         return scaled(self.hidden, hidden_dtype), weight_grad, scaled(self.bias, bias_dtype)
 
@@ -129,18 +154,26 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     Backward: logits recomputed only for (at most ``max_selected``) rows, selected first,
     so the three backward matmuls cost in proportion to the rows kept.
     At ratio 1 every valid row is selected whatever the strategy, so (for a scalar loss)
-    the gradients are formed in the forward instead, from logits that already exist.
+    the gradients are formed in the forward instead, from logits that already exist; with
+    ``weight_grad='in_place'`` only those of the last weight rows (see ``_HELD_CHUNKS``), and the
+    backward recomputes the logits of the leading columns for the rest of the weight gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool):
         valid = targets != opts.ignore_index
-        # (weight.grad may be written only in the backward, so the in-place mode recomputes.)
-        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none" and weight_grad != "in_place"
+        vocab_size = weight.shape[0]
+        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
+        recompute_cols = vocab_size
         if grads_now:
-            grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                               weight_grad, every_row=True)
+            need_weight = ctx.needs_input_grad[1]
+            recompute_cols = 0
+            if need_weight:
+                recompute_cols = _recomputed_columns(vocab_size, hidden.shape[1], chunk_rows, weight_grad)
+            grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0],
+                               need_weight and recompute_cols < vocab_size, weight_grad, every_row=True,
+                               vocab_rows=slice(recompute_cols, None), defer=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
@@ -164,7 +197,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.recompute_cols = bias is not None, recompute_cols
         ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, reduced)
@@ -173,28 +206,42 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_info_grads):
         hidden, weight, bias, targets, lse, mask, coef = ctx.saved_tensors
         bias_dtype = bias.dtype if bias is not None else None
-        if ctx.grads is not None:
+        formed = None
+        if ctx.grads is not None:  # formed in the forward
             grads, ctx.grads = ctx.grads, None
-            return (*grads.result(weight.dtype, bias_dtype, scale=grad_loss), *([None] * 9))
-        opts = ctx.opts
-        coef = coef * grad_loss.to(coef.dtype)
-        # Selected rows first (stable, so in index order); the padding rows after them
-        # have mask False and contribute exact zeros.
-        order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
-        # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
-        grads = _HeadGrads(hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                           ctx.weight_grad)
-        for rows in _chunks(order.numel(), ctx.chunk_rows):
-            index = order[rows]
-            h = hidden.index_select(0, index)
-            logits = _project(h, weight, bias)[None]
-            grad_logits = ctx.backend.logits_grad(
-                logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
-                out=logits,
-            )[0]
-            grads.add(index, h, grad_logits)
-            del logits, grad_logits
-        return (*grads.result(weight.dtype, bias_dtype), *([None] * 9))
+            formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
+            del grads  # frees a held weight-gradient buffer before any recomputation
+        if ctx.recompute_cols > 0:
+            recomputed = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
+                                    ctx.recompute_cols, only_weight=formed is not None)
+            if formed is None:  # the recomputation formed them all
+                formed = recomputed.result(weight.dtype, bias_dtype)
+        return (*formed, *([None] * 9))
+
+
+def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef, n_cols: int, only_weight: bool) -> _HeadGrads:
+    """Gradients from logits recomputed for the selected rows (selected first, stable, so in index
+    order; the padding rows after them have mask False and contribute exact zeros) over the first
+    ``n_cols`` vocabulary columns, in chunks of as many logits as the forward's; ``only_weight``
+    when those of hidden and bias were formed in the forward. An in-place weight gradient is
+    added into weight.grad as it goes."""
+    opts = ctx.opts
+    order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
+    # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
+    grads = _HeadGrads(hidden, weight, ctx.has_bias and not only_weight, ctx.needs_input_grad[0] and not only_weight,
+                       ctx.needs_input_grad[1], ctx.weight_grad, vocab_rows=slice(0, n_cols))
+    weight_cols, bias_cols = weight[:n_cols], (None if bias is None else bias[:n_cols])
+    for rows in _chunks(order.numel(), max(1, ctx.chunk_rows * weight.shape[0] // n_cols)):
+        index = order[rows]
+        h = hidden.index_select(0, index)
+        logits = _project(h, weight_cols, bias_cols)[None]
+        grad_logits = ctx.backend.logits_grad(
+            logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
+            out=logits, vocab_size=weight.shape[0],
+        )[0]
+        grads.add(index, h, grad_logits)
+        del logits, grad_logits
+    return grads
 
 
 def _chunks(n_rows: int, chunk_rows: int):

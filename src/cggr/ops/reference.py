@@ -81,29 +81,33 @@ def logits_grad(
     z_loss: float,
     grad_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """d loss / d logits (SPEC.md §5), exactly 0 on rows where ``mask`` is False.
 
-    logits ``[B, T, V]``; ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale``
-    (0-d or [B*T], None for 1) the upstream gradient.
-    ``out`` (may be ``logits`` itself, for the in-place backward) receives the result.
+    logits ``[B, T, V']``: the first V' columns of rows of ``vocab_size`` columns (None: V'); ``coef``
+    [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d or [B*T], None for 1) the
+    upstream gradient. ``out`` (may be ``logits`` itself, for the in-place backward) receives the result.
     """
-    shape, vocab_size = logits.shape, logits.shape[-1]
-    logits = logits.reshape(-1, vocab_size)
+    shape, n_cols = logits.shape, logits.shape[-1]
+    vocab_size = vocab_size or n_cols
+    logits = logits.reshape(-1, n_cols)
     n_rows = logits.shape[0]
     dtype = compute_dtype(logits.dtype)
-    safe = _safe_targets(targets, mask)
+    # A target beyond the stored columns adds no one-hot term: it goes to column 0 with weight 0.
+    in_cols = mask & (targets < n_cols)
+    safe = _safe_targets(targets, in_cols)
     if grad_scale is not None:
         coef = coef * grad_scale.to(coef.dtype)
     # Write straight into ``out`` when its rows can be viewed flat; else copy at the end.
-    flat_out = out is not None and out.reshape(-1, vocab_size).data_ptr() == out.data_ptr() and out.is_contiguous()
-    result = out.view(-1, vocab_size) if flat_out else torch.empty_like(logits)
-    for rows in _row_chunks(n_rows, vocab_size):
+    flat_out = out is not None and out.reshape(-1, n_cols).data_ptr() == out.data_ptr() and out.is_contiguous()
+    result = out.view(-1, n_cols) if flat_out else torch.empty_like(logits)
+    for rows in _row_chunks(n_rows, n_cols):
         x = logits[rows].to(dtype)
         lse_c = lse[rows].to(dtype)[:, None]
         p = torch.exp(x - lse_c)
         grad = p * (1.0 + 2.0 * z_loss * lse_c) - label_smoothing / vocab_size
-        grad.scatter_add_(1, safe[rows, None], grad.new_full((x.shape[0], 1), label_smoothing - 1.0))
+        grad.scatter_add_(1, safe[rows, None], (label_smoothing - 1.0) * in_cols[rows, None].to(dtype))
         grad = grad * coef[rows].to(dtype)[:, None]
         result[rows] = torch.where(mask[rows, None], grad, torch.zeros_like(grad)).to(result.dtype)
     if out is not None and not flat_out:

@@ -112,8 +112,8 @@ def _(logits, targets, valid, scoring, label_smoothing, z_loss):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
-def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale):
-    batch, seq_len, vocab_size = logits.shape
+def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size):
+    batch, seq_len, n_cols = logits.shape
     if batch * seq_len == 0:
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
@@ -121,9 +121,10 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
         launch(
             logits_grad_kernel, batch * seq_len,
             logits, grad, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), lse.stride(0), vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            grad.stride(0), grad.stride(1), lse.stride(0), n_cols, vocab_size or n_cols,
+            *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
-            **launch_config(vocab_size, "grad"),
+            **launch_config(n_cols, "grad"),
         )
 
 
@@ -132,34 +133,35 @@ def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
     return 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
 
 
-def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
+def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     return grad
 
 
-def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
-    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None,
+                          vocab_size=None):
+    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
 
 
 @torch.library.custom_op("cggr::logits_grad", mutates_args=())
 def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                    mask: torch.Tensor, label_smoothing: float, z_loss: float,
-                   grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+                   grad_scale: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
 
 
 @logits_grad_op.register_fake
-def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None):
+def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("cggr::logits_grad_", mutates_args=("logits",))
 def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                            mask: torch.Tensor, label_smoothing: float, z_loss: float,
-                           grad_scale: Optional[torch.Tensor] = None) -> None:
+                           grad_scale: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> None:
     """Like ``logits_grad`` but overwrites ``logits`` (each row is read before it is written)."""
-    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
 
 
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
@@ -170,7 +172,8 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
     return RowStats.from_columns(compute(logits, targets, valid, opts.scoring, opts.label_smoothing, opts.z_loss))
 
 
-def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, out=None):
+def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, out=None,
+                vocab_size=None):
     """See :func:`cggr.ops.reference.logits_grad`."""
     coef = coef.to(lse.dtype).contiguous()  # lse may be strided (a column of the statistics)
     if grad_scale is not None:
@@ -178,11 +181,11 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_
     compiling = torch.compiler.is_compiling()
     if out is None:
         compute = logits_grad_op if compiling else _new_logits_grad
-        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     if out is not logits:  # an identity test, which torch.compile can trace (data_ptr() it cannot)
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
-    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale)
+    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     return logits
 
 

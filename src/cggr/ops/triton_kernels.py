@@ -193,12 +193,15 @@ def _store_stat(ptr, value, keep, valid):
 @triton.jit
 def logits_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
-    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, n_cols, vocab_size,
+    eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
     """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
     rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
-    the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2)."""
+    the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2).
+    Rows hold the first ``n_cols`` of the ``vocab_size`` columns (all of them but in the linear
+    path's recomputation of a vocabulary slice)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
@@ -218,17 +221,17 @@ def logits_grad_kernel(
     smooth = label_smoothing / vocab_size
     cols = tl.arange(0, BLOCK_V)
     if selected:  # uniform branch: unselected rows only store zeros
-        for start in range(0, vocab_size, BLOCK_V):
+        for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
-            in_row = offs < vocab_size
+            in_row = offs < n_cols
             x = tl.load(logits_ptr + base + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
             g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
             tl.store(grad_ptr + grad_base + offs, (coef * g).to(grad_ptr.dtype.element_ty), mask=in_row)
     else:
         zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
-        for start in range(0, vocab_size, BLOCK_V):
+        for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
-            tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < vocab_size)
+            tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < n_cols)
 
 
 @triton.jit
