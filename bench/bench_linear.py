@@ -65,7 +65,8 @@ def measure(fn, hidden, weight, targets, keep_grads):
 
 def sweep_held(n=8192, h_dim=4096, v=128256):
     """Ratio 1 with ``weight_grad_in_place``: the forward holds the gradient of the last weight
-    rows (about ``_HELD_CHUNKS`` chunks of logits), the backward recomputes the other columns."""
+    rows (``_HELD_CHUNKS`` chunks of logits' worth), the backward recomputes the other columns.
+    Time and peak extra memory per (chunk, held chunks), against the plain path."""
     from cggr.ops import autograd
 
     hidden = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16)
@@ -73,15 +74,19 @@ def sweep_held(n=8192, h_dim=4096, v=128256):
     targets = torch.randint(0, v, (n,), device="cuda")
     plain_ms, plain_peak = measure(methods()["h @ W.T + F.cross_entropy (bf16)"], hidden, weight, targets, True)
     print(f"plain (grads kept) {plain_ms:.2f} ms {plain_peak / 1e9:.2f} GB")
-    print(f"{'held chunks':>11} {'held rows':>9} {'ms':>8} {'x plain':>8} {'extra GB':>9} {'% plain':>8}")
+    print(f"{'chunk rows':>10} {'held chunks':>11} {'held rows':>9} {'ms':>8} {'x plain':>8} {'extra GB':>9} "
+          f"{'% plain':>8}")
     default = autograd._HELD_CHUNKS
-    chunk_rows = (1 << 27) // v
-    for held in (0, 1, 1.5, 2, 2.5, 3):
-        autograd._HELD_CHUNKS = held
-        held_rows = v - autograd._recomputed_columns(v, h_dim, chunk_rows, "in_place")
-        ms, peak = measure(IN_PLACE["cggr linear r=1.0 weight_grad_in_place"], hidden, weight, targets, True)
-        print(f"{held:>11} {held_rows:>9} {ms:8.2f} {ms / plain_ms:8.3f} {peak / 1e9:9.2f} "
-              f"{100 * peak / plain_peak:8.1f}")
+    for chunk_log2, held_options in ((27, (0, 2, 2.5)), (26, (3, 4, 5, 5.5)), (25, (8, 10, 11))):
+        chunk_rows = (1 << chunk_log2) // v
+        for held in held_options:
+            autograd._HELD_CHUNKS = held
+            held_rows = v - autograd._recomputed_columns(v, h_dim, chunk_rows, "in_place")
+            ms, peak = measure(lambda h, w, t: cggr_linear_cross_entropy(
+                h, w, t, 1.0, check_targets=False, weight_grad_in_place=True, chunk_size=chunk_rows),
+                hidden, weight, targets, True)
+            print(f"{chunk_rows:>10} {held:>11} {held_rows:>9} {ms:8.2f} {ms / plain_ms:8.3f} {peak / 1e9:9.2f} "
+                  f"{100 * peak / plain_peak:8.1f}")
     autograd._HELD_CHUNKS = default
 
 

@@ -164,3 +164,22 @@ def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_
     assert torch.equal(got[0], want[0])  # mask
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [1.0, 2.5])
+def test_scaling_by_a_device_scalar(dtype, value):
+    """mul_ and add_mul_ of the Triton backend (a kernel over blocks, the last one partial)
+    against the reference; a strided tensor takes the PyTorch path."""
+    from cggr.ops import reference, triton_backend
+
+    g = torch.Generator().manual_seed(12)
+    scale = torch.tensor(value)
+    x = torch.randn(3, 5000, generator=g).to(dtype)
+    out = torch.randn(3, 5000, generator=g).to(dtype)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for backend in (triton_backend, reference):
+        torch.testing.assert_close(backend.mul_(x.clone(), scale), (value * x.float()).to(dtype), **tol)
+        torch.testing.assert_close(backend.add_mul_(out.clone(), x, scale), (out + value * x.float()).to(dtype), **tol)
+    strided = x.clone().t()
+    torch.testing.assert_close(triton_backend.mul_(strided, scale), x.t() * value)

@@ -96,12 +96,14 @@ def cggr_linear_cross_entropy(
             2**27 / V rows.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
         weight_grad_in_place: add the weight gradient straight into ``weight.grad`` (made as zeros
-            if it is None) instead of handing autograd a new ``[V, H]`` tensor; autograd gets a
-            stride-0 zero gradient, so hooks (and DDP) still run. Saves one weight-sized buffer
-            whenever ``weight.grad`` already exists (gradient accumulation,
+            if it is None) instead of handing autograd a new ``[V, H]`` tensor; autograd gets an
+            empty sparse gradient, so the weight's hooks (and DDP's) still run. Saves one
+            weight-sized buffer whenever ``weight.grad`` already exists (gradient accumulation,
             ``zero_grad(set_to_none=False)``). Eager mode only; ``weight`` must be a leaf; not
-            with ``fp32_grad_accumulation``. At ratio 1 the logits are then recomputed in the
-            backward instead of forming the gradients in the forward (slower).
+            with ``fp32_grad_accumulation``. At ratio 1 the forward, which may not write
+            ``weight.grad``, holds the gradient of the last weight rows (about two chunks of
+            logits' worth) until the backward, which recomputes the logits of the other
+            columns: slower than the default there, in less memory.
 
     The backward recomputes logits only for the selected rows, so its matmuls cost in
     proportion to the tokens kept. ``inplace_backward`` is accepted and has no effect here:

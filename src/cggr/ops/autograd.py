@@ -6,6 +6,7 @@ A backend is any object with
 * ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, label_smoothing, z_loss,
   grad_scale=None, out=None, vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where
   ``mask`` is False; ``logits`` may hold only the first V' of ``vocab_size`` columns.
+* ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor.
 * optionally ``select_topk(stats, valid, ratio, reduction)``: see :func:`cggr.core.select_and_reduce`.
 """
 from __future__ import annotations
@@ -102,8 +103,9 @@ class _HeadGrads:
     :meth:`result` when ``defer`` (the forward may not write weight.grad). A buffer is written
     by the first chunk, not added to zeros: a zero fill of [V, H] costs as much as reading it."""
 
-    def __init__(self, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, *, every_row=False,
-                 vocab_rows=slice(None), defer=False):
+    def __init__(self, backend, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, *,
+                 every_row=False, vocab_rows=slice(None), defer=False):
+        self.backend = backend
         self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
         self.vocab_rows, self.defer = vocab_rows, defer
@@ -134,12 +136,19 @@ class _HeadGrads:
         def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
             if grad is None:
                 return None
-            return (grad if scale is None else grad.mul_(scale.to(grad.dtype))).to(dtype)
+            return (grad if scale is None else self.backend.mul_(grad, scale)).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
-        if self.in_place:  # in weight.grad; autograd adds a zero that takes no memory
+        if self.in_place:
             if self.defer and self.weight_grad is not None:
-                _existing_grad(self.weight)[self.vocab_rows].add_(scaled(self.weight_grad, weight_dtype))
-            weight_grad = self.weight.new_zeros(()).expand(self.weight.shape)
+                rows = _existing_grad(self.weight)[self.vocab_rows]
+                if scale is None:
+                    rows.add_(self.weight_grad)
+                else:
+                    self.backend.add_mul_(rows, self.weight_grad, scale)
+            # Already in weight.grad: autograd gets an empty sparse gradient, so the weight's hooks
+            # run and adding it costs nothing (a dense zero, even stride-0, costs a pass over weight.grad).
+            weight_grad = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device,
+                                      layout=torch.sparse_coo)
         else:
             if self.need_weight and self.weight_grad is None:
                 self.weight_grad = self.weight.new_zeros(self.weight.shape, dtype=self.acc_dtype)
@@ -171,7 +180,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             recompute_cols = 0
             if need_weight:
                 recompute_cols = _recomputed_columns(vocab_size, hidden.shape[1], chunk_rows, weight_grad)
-            grads = _HeadGrads(hidden, weight, bias is not None, ctx.needs_input_grad[0],
+            grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
                                need_weight and recompute_cols < vocab_size, weight_grad, every_row=True,
                                vocab_rows=slice(recompute_cols, None), defer=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
@@ -228,8 +237,9 @@ def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef, n_cols: int,
     opts = ctx.opts
     order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
     # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
-    grads = _HeadGrads(hidden, weight, ctx.has_bias and not only_weight, ctx.needs_input_grad[0] and not only_weight,
-                       ctx.needs_input_grad[1], ctx.weight_grad, vocab_rows=slice(0, n_cols))
+    grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias and not only_weight,
+                       ctx.needs_input_grad[0] and not only_weight, ctx.needs_input_grad[1], ctx.weight_grad,
+                       vocab_rows=slice(0, n_cols))
     weight_cols, bias_cols = weight[:n_cols], (None if bias is None else bias[:n_cols])
     for rows in _chunks(order.numel(), max(1, ctx.chunk_rows * weight.shape[0] // n_cols)):
         index = order[rows]

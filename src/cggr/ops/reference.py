@@ -113,3 +113,13 @@ def logits_grad(
     if out is not None and not flat_out:
         return out.copy_(result.view(shape))
     return result.view(shape)
+
+
+def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``tensor *= scale`` in place; ``scale`` a 0-d tensor (the upstream gradient)."""
+    return tensor.mul_(scale.to(tensor.dtype))
+
+
+def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out += scale * src`` in place; ``scale`` a 0-d tensor."""
+    return out.add_(src * scale.to(src.dtype))

@@ -17,8 +17,9 @@ import triton
 from ..scoring import SCORINGS, RowStats, scoring_reads
 from . import triton_interpreting
 from .launch import launch
+from . import reference
 from .reference import compute_dtype
-from .triton_kernels import logits_grad_kernel, row_stats_kernel, select_topk_kernel
+from .triton_kernels import logits_grad_kernel, row_stats_kernel, scale_kernel, select_topk_kernel
 
 _N_STATS = len(RowStats._fields)
 _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index("loss")
@@ -187,6 +188,33 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
     overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     return logits
+
+
+_SCALE_BLOCK = 4096
+
+
+def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, accumulate: bool) -> bool:
+    """The scaling kernel where it applies (same-shaped contiguous tensors, not float64, eager);
+    False otherwise."""
+    if (torch.compiler.is_compiling() or out.dtype == torch.float64 or out.shape != src.shape
+            or not (out.is_contiguous() and src.is_contiguous()) or scale.numel() != 1):
+        return False
+    n = out.numel()
+    if n:
+        with _device_guard(out):
+            launch(scale_kernel, -(-n // _SCALE_BLOCK), out, src, scale, n, BLOCK=_SCALE_BLOCK,
+                   ACCUMULATE=accumulate, num_warps=4)
+    return True
+
+
+def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """See :func:`cggr.ops.reference.mul_`."""
+    return tensor if _launch_scale(tensor, tensor, scale, False) else reference.mul_(tensor, scale)
+
+
+def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """See :func:`cggr.ops.reference.add_mul_`."""
+    return out if _launch_scale(out, src, scale, True) else reference.add_mul_(out, src, scale)
 
 
 _REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}

@@ -338,3 +338,18 @@ def _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr, SCO
     score = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + SCORE_COL, mask=in_range, other=0.0) + 0.0
     score = tl.where(score != score, float("inf"), score)
     return score.to(tl.int32, bitcast=True), valid
+
+
+@triton.jit
+def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """``out += scale * src`` (ACCUMULATE) or ``out = scale * src``, ``scale`` read from memory.
+    The second form with ``src`` = ``out`` and a scale of 1 stores nothing. (PyTorch's own
+    multiply by a 0-d tensor takes a strided path: about 2.5 times the copy time.)"""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if ACCUMULATE or scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offs < n_elements
+        value = scale * tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        if ACCUMULATE:
+            value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
