@@ -77,8 +77,7 @@ def sweep_held(n=8192, h_dim=4096, v=128256):
     print(f"{'chunk rows':>10} {'held chunks':>11} {'held rows':>9} {'ms':>8} {'x plain':>8} {'extra GB':>9} "
           f"{'% plain':>8}")
     default = autograd._HELD_CHUNKS
-    for chunk_log2, held_options in ((27, (0, 2, 2.5)), (26, (3, 4, 5, 5.5)), (25, (8, 10, 11))):
-        chunk_rows = (1 << chunk_log2) // v
+    for chunk_rows, held_options in ((1024, (0, 2, 2.25, 2.5)), (1152, (1.75,))):
         for held in held_options:
             autograd._HELD_CHUNKS = held
             held_rows = v - autograd._recomputed_columns(v, h_dim, chunk_rows, "in_place")

@@ -89,7 +89,8 @@ def main():
     scorings = ("combined", "entropy", "gradnorm")
     print(f"{'BLOCK_V':>7} {'warps':>5}" + "".join(f" {s + ' ms':>12} {'%bw':>4}" for s in scorings))
     for config in STATS_CONFIGS:
-        triton_backend.CONFIGS["stats"] = triton_backend.CONFIGS["stats_extra"] = config
+        for kind in ("stats", "stats_extra", "stats_few"):
+            triton_backend.CONFIGS[kind] = config
         times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, scoring, 0.0, 0.0),
                           return_mode="median") for scoring in scorings]
         print(f"{config[0]:>7} {config[1]:>5}"

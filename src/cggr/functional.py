@@ -16,9 +16,10 @@ __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy"]
 
 LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
 
-# Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once. Smaller
-# chunks cost time: each adds a read and a write of the whole weight gradient, and fewer rows
-# per launch leave the statistics kernel short of bandwidth.
+# Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once, in a
+# whole number of the matmuls' 128-row tiles. Smaller chunks cost time: each adds a read and a
+# write of the whole weight gradient, and fewer rows per launch leave the statistics kernel
+# short of bandwidth.
 _LINEAR_CHUNK_ELEMENTS = 1 << 27
 
 
@@ -204,13 +205,19 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     impl, seq_shape = prepare(hidden, targets, vocab_size, opts, backend, check_targets)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
-    chunk_rows = chunk_size or max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
+    chunk_rows = chunk_size or _default_chunk_rows(vocab_size)
     bound = ratio if isinstance(ratio, float) else None  # a device ratio: no host-side bound
     loss, info = cggr_linear_cross_entropy_apply(
         hidden2d, weight, bias, targets.reshape(-1), impl, ratio, opts, seq_shape, min(chunk_rows, max(n_rows, 1)),
         max_selected_rows(bound, opts, n_rows, seq_shape), weight_grad, with_info=return_info,
     )
     return _finish(loss, info, targets.shape, opts, return_info)
+
+
+def _default_chunk_rows(vocab_size: int) -> int:
+    """About ``_LINEAR_CHUNK_ELEMENTS / vocab_size`` rows, to the nearest multiple of 128 if at least 128."""
+    rows = max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
+    return rows if rows < 128 else (rows + 64) // 128 * 128
 
 
 def max_selected_rows(ratio_bound: Optional[float], opts: LossOptions, n_rows: int, seq_shape) -> int:

@@ -229,25 +229,31 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef, n_cols: int, only_weight: bool) -> _HeadGrads:
-    """Gradients from logits recomputed for the selected rows (selected first, stable, so in index
-    order; the padding rows after them have mask False and contribute exact zeros) over the first
-    ``n_cols`` vocabulary columns, in chunks of as many logits as the forward's; ``only_weight``
-    when those of hidden and bias were formed in the forward. An in-place weight gradient is
-    added into weight.grad as it goes."""
-    opts = ctx.opts
-    order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
+    """Gradients from logits recomputed over the first ``n_cols`` vocabulary columns. Either
+    (``only_weight``, at ratio 1, those of hidden and bias formed in the forward) every row in
+    order, in chunks of as many logits as the forward held at its peak (its chunk and the held
+    weight rows); or the selected rows, selected first (stable, so in index order; the padding
+    rows after them have mask False and contribute exact zeros), in the forward's chunks.
+    An in-place weight gradient is added into weight.grad as it goes."""
+    opts, vocab_size = ctx.opts, weight.shape[0]
+    step = ctx.chunk_rows
+    if only_weight:
+        parts = _chunks(hidden.shape[0], max(step, (step * vocab_size + (vocab_size - n_cols) * hidden.shape[1])
+                                                // n_cols // 128 * 128))
+    else:
+        order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
+        parts = (order[rows] for rows in _chunks(order.numel(), step))
     # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
     grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias and not only_weight,
                        ctx.needs_input_grad[0] and not only_weight, ctx.needs_input_grad[1], ctx.weight_grad,
                        vocab_rows=slice(0, n_cols))
     weight_cols, bias_cols = weight[:n_cols], (None if bias is None else bias[:n_cols])
-    for rows in _chunks(order.numel(), max(1, ctx.chunk_rows * weight.shape[0] // n_cols)):
-        index = order[rows]
-        h = hidden.index_select(0, index)
+    for index in parts:
+        h = hidden[index]  # a view for a slice of rows, a copy for an index tensor
         logits = _project(h, weight_cols, bias_cols)[None]
         grad_logits = ctx.backend.logits_grad(
             logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
-            out=logits, vocab_size=weight.shape[0],
+            out=logits, vocab_size=vocab_size,
         )[0]
         grads.add(index, h, grad_logits)
         del logits, grad_logits

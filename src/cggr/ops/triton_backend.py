@@ -27,9 +27,13 @@ _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index(
 
 # (block, num_warps) chosen with bench/tune_kernels.py (which overwrites entries to sweep them).
 # The statistics kernel is short of instructions; with the extra accumulators of margin,
-# combined and gradnorm ("stats_extra") smaller blocks do better. The block is BLOCK_V for the
-# row kernels and the rows per step of the one-program selection.
-CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "grad": (16384, 16), "select": (8192, 16)}
+# combined and gradnorm ("stats_extra") smaller blocks do better. With few rows ("stats_few",
+# fewer than _FEW_ROWS_PER_SM per SM, as in the linear path's chunks) one warp a row leaves the
+# SMs short of loads in flight. The block is BLOCK_V for the row kernels and the rows per step
+# of the one-program selection.
+CONFIGS = {"stats": (1024, 1), "stats_extra": (512, 1), "stats_few": (2048, 4), "grad": (16384, 16),
+           "select": (8192, 16)}
+_FEW_ROWS_PER_SM = 12
 
 # Fixed when the kernels were decorated: TRITON_INTERPRET is read at import.
 _INTERPRETING = triton_interpreting()
@@ -44,6 +48,17 @@ def launch_config(length: int, kind: str, block_name: str = "BLOCK_V") -> dict:
         return {block_name: min(whole, 1 << 16)}
     block, warps = CONFIGS[kind]
     return {block_name: min(whole, block), "num_warps": warps}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _stats_kind(logits: torch.Tensor, n_rows: int, extra_accumulators: bool) -> str:
+    if logits.is_cuda and n_rows < _FEW_ROWS_PER_SM * _sm_count(logits.device.index):
+        return "stats_few"
+    return "stats_extra" if extra_accumulators else "stats"
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -76,7 +91,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
     if n_rows == 0:
         return stats
     need_second, need_sum_sq = scoring_reads(scoring)
-    config = launch_config(vocab_size, "stats_extra" if need_second or need_sum_sq else "stats")
+    config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_second or need_sum_sq))
     with _device_guard(logits):
         launch(
             row_stats_kernel, n_rows,
