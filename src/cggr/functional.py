@@ -94,7 +94,7 @@ def cggr_linear_cross_entropy(
         hidden: ``[..., H]`` float; ``weight``: ``[V, H]`` (an ``nn.Linear`` or tied embedding
             weight) of the same dtype; ``bias``: ``[V]`` or None.
         chunk_size: rows of logits computed at once (bounds peak memory); default about
-            2**27 / V rows.
+            2**27 / V rows, in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
         weight_grad_in_place: add the weight gradient straight into ``weight.grad`` (made as zeros
             if it is None) instead of handing autograd a new ``[V, H]`` tensor; autograd gets an
