@@ -5,7 +5,8 @@ A backend is any object with
 * ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions) -> RowStats``
 * ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, label_smoothing, z_loss,
   grad_scale=None, out=None, vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where
-  ``mask`` is False; ``logits`` may hold only the first V' of ``vocab_size`` columns.
+  ``mask`` is False; ``logits`` may hold V' consecutive columns of ``vocab_size``, with the
+  targets counted from the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor.
 * optionally ``select_topk(stats, valid, ratio, reduction)``: see :func:`cggr.core.select_and_reduce`.
 """
@@ -117,10 +118,9 @@ class _HeadGrads:
             self.weight_grad = _existing_grad(weight)[vocab_rows]
 
     def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
-        """``grad_logits`` [C, V'] are the logits gradients of rows ``index`` [C] (hidden ``h``
-        [C, H]) over the first V' columns of the vocabulary."""
+        """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
         if self.hidden is not None:
-            self.hidden.index_copy_(0, index, grad_logits @ self.weight[: grad_logits.shape[1]])
+            self.hidden.index_copy_(0, index, grad_logits @ self.weight)
         if self.need_weight:
             g, x = grad_logits[:, self.vocab_rows].t().to(self.acc_dtype), h.to(self.acc_dtype)
             self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
@@ -215,49 +215,59 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_info_grads):
         hidden, weight, bias, targets, lse, mask, coef = ctx.saved_tensors
         bias_dtype = bias.dtype if bias is not None else None
-        formed = None
-        if ctx.grads is not None:  # formed in the forward
-            grads, ctx.grads = ctx.grads, None
-            formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
-            del grads  # frees a held weight-gradient buffer before any recomputation
+        if ctx.grads is None:  # nothing formed in the forward
+            grads = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
+            return (*grads.result(weight.dtype, bias_dtype), *([None] * 9))
+        grads, ctx.grads = ctx.grads, None
+        formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
+        del grads  # frees a held weight-gradient buffer before the recomputation
         if ctx.recompute_cols > 0:
-            recomputed = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
-                                    ctx.recompute_cols, only_weight=formed is not None)
-            if formed is None:  # the recomputation formed them all
-                formed = recomputed.result(weight.dtype, bias_dtype)
+            _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
         return (*formed, *([None] * 9))
 
 
-def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef, n_cols: int, only_weight: bool) -> _HeadGrads:
-    """Gradients from logits recomputed over the first ``n_cols`` vocabulary columns. Either
-    (``only_weight``, at ratio 1, those of hidden and bias formed in the forward) every row in
-    order, in chunks of as many logits as the forward held at its peak (its chunk and the held
-    weight rows); or the selected rows, selected first (stable, so in index order; the padding
-    rows after them have mask False and contribute exact zeros), in the forward's chunks.
-    An in-place weight gradient is added into weight.grad as it goes."""
-    opts, vocab_size = ctx.opts, weight.shape[0]
-    step = ctx.chunk_rows
-    if only_weight:
-        parts = _chunks(hidden.shape[0], max(step, (step * vocab_size + (vocab_size - n_cols) * hidden.shape[1])
-                                                // n_cols // 128 * 128))
-    else:
-        order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
-        parts = (order[rows] for rows in _chunks(order.numel(), step))
+def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrads:
+    """Every gradient from logits recomputed for the selected rows only, in the forward's chunks:
+    selected rows first (stable, so in index order); the padding rows after them have mask
+    False and contribute exact zeros."""
+    opts = ctx.opts
+    order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
     # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
-    grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias and not only_weight,
-                       ctx.needs_input_grad[0] and not only_weight, ctx.needs_input_grad[1], ctx.weight_grad,
-                       vocab_rows=slice(0, n_cols))
-    weight_cols, bias_cols = weight[:n_cols], (None if bias is None else bias[:n_cols])
-    for index in parts:
-        h = hidden[index]  # a view for a slice of rows, a copy for an index tensor
-        logits = _project(h, weight_cols, bias_cols)[None]
+    grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                       ctx.weight_grad)
+    for rows in _chunks(order.numel(), ctx.chunk_rows):
+        index = order[rows]
+        h = hidden.index_select(0, index)
+        logits = _project(h, weight, bias)[None]
         grad_logits = ctx.backend.logits_grad(
             logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
-            out=logits, vocab_size=vocab_size,
+            out=logits,
         )[0]
         grads.add(index, h, grad_logits)
         del logits, grad_logits
     return grads
+
+
+def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef) -> None:
+    """Ratio 1 in place: adds into weight.grad the gradient of the weight rows the forward did not
+    hold (the first ``ctx.recompute_cols``), from logits recomputed for every row over slices of
+    those columns. A slice holds as many logits as the forward did at its peak (a chunk and the
+    held rows), and each matmul spans all N rows."""
+    opts, (n_rows, hidden_dim), vocab_size = ctx.opts, hidden.shape, weight.shape[0]
+    n_cols = ctx.recompute_cols
+    budget = ctx.chunk_rows * vocab_size + (vocab_size - n_cols) * hidden_dim
+    n_slices = max(1, -(-n_cols * n_rows // budget))
+    width = -(-n_cols // n_slices)
+    width = -(-width // 128) * 128 if width >= 128 else width  # whole tiles, equal slices
+    weight_grad = _existing_grad(weight)
+    for cols in _chunks(n_cols, width):
+        logits = _project(hidden, weight[cols], None if bias is None else bias[cols])[None]
+        grad_logits = ctx.backend.logits_grad(
+            logits, targets - cols.start, lse, coef, mask, opts.label_smoothing, opts.z_loss, out=logits,
+            vocab_size=vocab_size,
+        )[0]
+        weight_grad[cols].addmm_(grad_logits.t(), hidden)
+        del logits, grad_logits
 
 
 def _chunks(n_rows: int, chunk_rows: int):

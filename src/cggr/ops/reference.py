@@ -85,17 +85,19 @@ def logits_grad(
 ) -> torch.Tensor:
     """d loss / d logits (SPEC.md §5), exactly 0 on rows where ``mask`` is False.
 
-    logits ``[B, T, V']``: the first V' columns of rows of ``vocab_size`` columns (None: V'); ``coef``
-    [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d or [B*T], None for 1) the
-    upstream gradient. ``out`` (may be ``logits`` itself, for the in-place backward) receives the result.
+    logits ``[B, T, V']``: V' consecutive columns of rows of ``vocab_size`` columns (None: V'),
+    with ``targets`` counted from the first of them (a target outside adds no one-hot term);
+    ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d or [B*T], None for
+    1) the upstream gradient. ``out`` (may be ``logits`` itself, for the in-place backward)
+    receives the result.
     """
     shape, n_cols = logits.shape, logits.shape[-1]
     vocab_size = vocab_size or n_cols
     logits = logits.reshape(-1, n_cols)
     n_rows = logits.shape[0]
     dtype = compute_dtype(logits.dtype)
-    # A target beyond the stored columns adds no one-hot term: it goes to column 0 with weight 0.
-    in_cols = mask & (targets < n_cols)
+    # A target outside the stored columns adds no one-hot term: it goes to column 0 with weight 0.
+    in_cols = mask & (targets >= 0) & (targets < n_cols)
     safe = _safe_targets(targets, in_cols)
     if grad_scale is not None:
         coef = coef * grad_scale.to(coef.dtype)

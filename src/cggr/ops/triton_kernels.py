@@ -200,8 +200,8 @@ def logits_grad_kernel(
     """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
     rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
     the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2).
-    Rows hold the first ``n_cols`` of the ``vocab_size`` columns (all of them but in the linear
-    path's recomputation of a vocabulary slice)."""
+    Rows hold ``n_cols`` consecutive columns of ``vocab_size`` (all of them but in the linear
+    path's recomputation of a vocabulary slice), targets counted from the first of them."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
