@@ -99,30 +99,31 @@ def _existing_grad(weight: torch.Tensor) -> torch.Tensor:
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients.
 
-    The weight gradient covers the weight rows ``vocab_rows`` and goes to a buffer ('native':
-    weight dtype, 'fp32') or into ``weight.grad`` ('in_place'): chunk by chunk, or in
-    :meth:`result` when ``defer`` (the forward may not write weight.grad). A buffer is written
-    by the first chunk, not added to zeros: a zero fill of [V, H] costs as much as reading it."""
+    The weight gradient covers the weight rows from ``vocab_start`` on and goes to a buffer
+    ('native': weight dtype, 'fp32') or into ``weight.grad`` ('in_place'): chunk by chunk, or
+    in :meth:`result` when ``defer`` (the forward may not write weight.grad). A buffer is
+    written by the first chunk, not added to zeros: a zero fill of [V, H] costs as much as
+    reading it."""
 
     def __init__(self, backend, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, *,
-                 every_row=False, vocab_rows=slice(None), defer=False):
+                 every_row=False, vocab_start=0, defer=False):
         self.backend = backend
         self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
-        self.vocab_rows, self.defer = vocab_rows, defer
+        self.vocab_start, self.defer = vocab_start, defer
         # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill.
         self.hidden = None if not need_hidden else (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden))
         self.weight_grad = self.bias = None
         self.in_place = need_weight and weight_grad == "in_place"
         if self.in_place and not defer:
-            self.weight_grad = _existing_grad(weight)[vocab_rows]
+            self.weight_grad = _existing_grad(weight)[vocab_start:]
 
     def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
         """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
         if self.hidden is not None:
             self.hidden.index_copy_(0, index, grad_logits @ self.weight)
         if self.need_weight:
-            g, x = grad_logits[:, self.vocab_rows].t().to(self.acc_dtype), h.to(self.acc_dtype)
+            g, x = grad_logits[:, self.vocab_start:].t().to(self.acc_dtype), h.to(self.acc_dtype)
             self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
         if self.has_bias:
             column_sums = grad_logits.sum(0, dtype=self.acc_dtype)
@@ -140,7 +141,7 @@ class _HeadGrads:
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
         if self.in_place:
             if self.defer and self.weight_grad is not None:
-                rows = _existing_grad(self.weight)[self.vocab_rows]
+                rows = _existing_grad(self.weight)[self.vocab_start:]
                 if scale is None:
                     rows.add_(self.weight_grad)
                 else:
@@ -182,7 +183,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 recompute_cols = _recomputed_columns(vocab_size, hidden.shape[1], chunk_rows, weight_grad)
             grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
                                need_weight and recompute_cols < vocab_size, weight_grad, every_row=True,
-                               vocab_rows=slice(recompute_cols, None), defer=True)
+                               vocab_start=recompute_cols, defer=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
