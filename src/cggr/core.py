@@ -57,6 +57,13 @@ def reduce_rows(weighted: torch.Tensor, opts: LossOptions, denominator: Optional
     return total if denominator is None else total / denominator  # int64 divisor: the result stays float
 
 
+def selected_first(mask: torch.Tensor, limit: int) -> torch.Tensor:
+    """Row indices, the selected rows first (stable, so in index order), cut to ``limit``: a
+    host-side bound on how many are selected, so no sync; rows after the selected ones have
+    mask False."""
+    return torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[:limit]
+
+
 def mean_confidence(stats: RowStats, valid: torch.Tensor) -> torch.Tensor:
     """Mean of p1 over valid rows whose statistics are finite (0-d, on device)."""
     counted = valid & ~torch.isnan(stats.max_prob)

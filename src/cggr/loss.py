@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from .core import mean_denominator, reduce_rows, select_and_reduce
-from .functional import prepare, run_cross_entropy
+from .core import mean_denominator, reduce_rows, select_and_reduce, selected_first
+from .functional import max_selected_rows, prepare, run_cross_entropy
 from .info import CGGRInfo
-from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio
+from .schedule import SCHEDULES, curriculum_ratio, dynamic_ratio, dynamic_ratio_range
 
 
 class CGGRLoss(nn.Module):
@@ -116,7 +116,9 @@ class CGGRLoss(nn.Module):
         return (loss, info) if self.return_info else loss
 
     def _forward_base_loss(self, logits, targets, ratio):
-        """Fused scoring and selection, then ``base_loss`` on the selected rows (one sync, for k)."""
+        """Fused scoring and selection, then ``base_loss`` on the selected rows, with no host sync:
+        it runs on as many rows as the ratio can select at most (``max_selected_rows``), the
+        selected ones first; any others go in as zeros with target 0 and drop out."""
         opts = self.opts
         backend, seq_shape = prepare(logits, targets, logits.shape[-1], opts, self.backend, self.check_targets)
         rows = logits.reshape(-1, logits.shape[-1])
@@ -125,9 +127,13 @@ class CGGRLoss(nn.Module):
         with torch.no_grad():
             stats = backend.row_stats(rows.detach()[None], flat_targets, valid, opts)
             info = select_and_reduce(stats, valid, ratio, opts, seq_shape).info
-        index = info.mask.nonzero().squeeze(1)
-        chosen = self.base_loss(rows.index_select(0, index), flat_targets.index_select(0, index))
-        chosen = chosen.reshape(-1) * info.weight.index_select(0, index).to(chosen.dtype)
+        base = self.base_ratio()
+        bound = dynamic_ratio_range(base, self.threshold_sensitivity)[1] if self.dynamic_threshold else base
+        index = selected_first(info.mask, max_selected_rows(bound, opts, rows.shape[0], seq_shape))
+        kept = info.mask.index_select(0, index)
+        picked = torch.where(kept[:, None], rows.index_select(0, index), 0.0)  # no NaN from unselected rows
+        chosen = self.base_loss(picked, torch.where(kept, flat_targets.index_select(0, index), 0)).reshape(-1)
+        chosen = torch.where(kept, chosen * info.weight.index_select(0, index).to(chosen.dtype), 0.0)
         weighted = torch.zeros(rows.shape[0], dtype=chosen.dtype, device=rows.device).index_put((index,), chosen)
         loss = reduce_rows(weighted, opts, mean_denominator(opts, info.n_valid, info.n_selected))
         return (loss.reshape(targets.shape) if opts.reduction == "none" else loss), info.reshape_rows(targets.shape)

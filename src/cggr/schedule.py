@@ -17,9 +17,13 @@ def curriculum_ratio(step: int, warmup_steps: int, min_tokens_ratio: float, sche
     return 1.0 - f * (1.0 - min_tokens_ratio)
 
 
+def dynamic_ratio_range(base: float, sensitivity: float) -> tuple:
+    """(lowest, highest) ratio :func:`dynamic_ratio` can return for this base."""
+    return base * (1.0 - sensitivity), min(1.0, base * (1.0 + sensitivity))
+
+
 def dynamic_ratio(base: float, mean_confidence: torch.Tensor, sensitivity: float) -> torch.Tensor:
     """Low mean confidence keeps more tokens, high fewer; a 0-d tensor, no host sync."""
-    lo = base * (1.0 - sensitivity)
-    hi = min(1.0, base * (1.0 + sensitivity))
+    lo, hi = dynamic_ratio_range(base, sensitivity)
     ratio = base * (1.0 + sensitivity * (1.0 - 2.0 * mean_confidence.to(torch.float64)))
     return ratio.clamp(min=lo, max=hi)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce
+from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
 from .reference import compute_dtype
@@ -140,12 +140,8 @@ class _HeadGrads:
             return (grad if scale is None else self.backend.mul_(grad, scale)).to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
         if self.in_place:
-            if self.defer and self.weight_grad is not None:
-                rows = _existing_grad(self.weight)[self.vocab_start:]
-                if scale is None:
-                    rows.add_(self.weight_grad)
-                else:
-                    self.backend.add_mul_(rows, self.weight_grad, scale)
+            if self.defer and self.weight_grad is not None:  # formed in the forward: scale is given
+                self.backend.add_mul_(_existing_grad(self.weight)[self.vocab_start:], self.weight_grad, scale)
             # Already in weight.grad: autograd gets an empty sparse gradient, so the weight's hooks
             # run and adding it costs nothing (a dense zero, even stride-0, costs a pass over weight.grad).
             weight_grad = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device,
@@ -175,10 +171,9 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         valid = targets != opts.ignore_index
         vocab_size = weight.shape[0]
         grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
-        recompute_cols = vocab_size
+        recompute_cols = 0  # read only when the gradients are formed here
         if grads_now:
             need_weight = ctx.needs_input_grad[1]
-            recompute_cols = 0
             if need_weight:
                 recompute_cols = _recomputed_columns(vocab_size, hidden.shape[1], chunk_rows, weight_grad)
             grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
@@ -228,11 +223,10 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrads:
-    """Every gradient from logits recomputed for the selected rows only, in the forward's chunks:
-    selected rows first (stable, so in index order); the padding rows after them have mask
-    False and contribute exact zeros."""
+    """Every gradient from logits recomputed for the selected rows only, in the forward's chunks;
+    the padding rows after them have mask False and contribute exact zeros."""
     opts = ctx.opts
-    order = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[: ctx.max_selected]
+    order = selected_first(mask, ctx.max_selected)
     # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
     grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                        ctx.weight_grad)
