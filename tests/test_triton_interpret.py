@@ -115,24 +115,58 @@ def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstrea
     torch.testing.assert_close(x.grad, 2 * y.grad)
 
 
-@pytest.mark.parametrize("vocab", [101, 208])
+@pytest.mark.parametrize("layout", ["aligned", "shifted", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scoring", SCORINGS)
-def test_many_small_blocks(monkeypatch, scoring, vocab):
+def test_many_small_blocks(monkeypatch, scoring, dtype, layout):
     """Rows spread over many blocks: the running maximum, the runner-up (ties within and across
-    blocks) and the target's block are carried from block to block as on the GPU. V=208 rows
-    are 16-byte aligned, so the kernel folds its accumulators (4 lanes into one); 101 are not."""
+    blocks) and the target's block are carried from block to block as on the GPU, in each of
+    the kernels' row layouts: 'aligned' (V=208, every row 16-byte aligned: accumulators folded),
+    'shifted' (V=101: rows start anywhere, read from the 16-byte boundary before them as a head,
+    whole blocks, whole vectors and a last partial vector) and 'offset' (a view whose pointer
+    is not 16-byte aligned: rows read as they are)."""
     from cggr.ops import triton_backend
 
+    config = {"BLOCK_V": 16}
     monkeypatch.setattr(triton_backend, "launch_config", lambda length, kind, block_name="BLOCK_V": {block_name: 16})
+    vocab = 208 if layout == "aligned" else 101
     g = torch.Generator().manual_seed(8)
-    logits = torch.randint(-3, 4, (2, 12, vocab), generator=g).float()  # small integers: many ties
-    assert triton_backend._fold_width(logits, {"BLOCK_V": 16}) == (4 if vocab % 16 == 0 else 1)
+    big = torch.randint(-3, 4, (2, 12, vocab + 1), generator=g).to(dtype)  # small integers: many ties
+    logits = big[..., 1:] if layout == "offset" else big[..., :vocab].contiguous()
+    per_vector = 16 // logits.element_size()
+    assert triton_backend._row_align(config, logits) == (per_vector if layout == "shifted" else 1)
+    assert triton_backend._fold_width(logits, config, triton_backend._row_align(config, logits)) == (
+        1 if layout == "offset" else per_vector)
     logits[0, 0, 5] = logits[0, 0, 90] = 9.0  # a maximum shared by two blocks
     logits[0, 1, 3:6] = 9.0  # shared inside one block
     logits[0, 2, vocab - 1] = 9.0  # in the last block
     targets = torch.randint(0, vocab, (2, 12), generator=g)
-    targets[1, :3] = torch.tensor([0, 15, vocab - 1])  # first column, last of a block, last column
+    targets[1, :4] = torch.tensor([0, 15, vocab - 1, 7])  # first column, last of a block, last column, in a head
     _compare(logits, targets, 0.5, 1e-5, scoring=scoring)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", [1, 3, 8])
+def test_gradient_in_place_stays_inside_its_rows(monkeypatch, dtype, pad):
+    """Rows of a wider buffer (row stride V + pad: they start anywhere) overwritten by their
+    gradient in place: it matches the reference's, and the padding between rows is never written."""
+    from cggr.ops import reference, triton_backend
+
+    monkeypatch.setattr(triton_backend, "launch_config", lambda length, kind, block_name="BLOCK_V": {block_name: 16})
+    vocab = 101
+    logits, targets = make_batch((2, 12), vocab, dtype, seed=13)
+    buffer = torch.full((2, 12, vocab + pad), 7.0, dtype=dtype)
+    buffer[..., :vocab] = logits
+    rows = buffer[..., :vocab]
+    g = torch.Generator().manual_seed(14)
+    lse = torch.logsumexp(logits.float(), -1).reshape(-1)
+    coef = torch.rand(24, generator=g)
+    mask = torch.rand(24, generator=g) < 0.6
+    targets = targets.reshape(-1)
+    expected = reference.logits_grad(logits, targets, lse, coef, mask, 0.1, 1e-3)
+    triton_backend.logits_grad(rows, targets, lse, coef, mask, 0.1, 1e-3, out=rows)
+    torch.testing.assert_close(rows, expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    assert (buffer[..., vocab:] == 7.0).all()
 
 
 @settings(max_examples=60, deadline=None)

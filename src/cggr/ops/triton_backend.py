@@ -92,6 +92,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         return stats
     need_second, need_sum_sq = scoring_reads(scoring)
     config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_second or need_sum_sq))
+    align = _row_align(config, logits)
     with _device_guard(logits):
         launch(
             row_stats_kernel, n_rows,
@@ -99,20 +100,41 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            FOLD=_fold_width(logits, config), **config,
+            FOLD=_fold_width(logits, config, align), ALIGN=align, **config,
         )
     return stats
 
 
-def _fold_width(logits: torch.Tensor, config: dict) -> int:
+def _rows_aligned(rows: torch.Tensor) -> bool:
+    """Whether Triton can prove every row of ``rows`` [B, T, V] 16-byte aligned: pointer and
+    strides multiples of 16 (the divisibility it specialises integers on)."""
+    return rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and rows.stride(1) % 16 == 0
+
+
+def _row_align(config: dict, *rows: torch.Tensor) -> int:
+    """The kernels' ALIGN for rows read (and written) through ``rows`` [B, T, V], all with the
+    same strides: the elements per 16 bytes when the pointers are 16-byte aligned and the row
+    strides are not, so the kernels shift each row's reads to 16-byte boundaries; else 1."""
+    first = rows[0]
+    align = 16 // first.element_size()
+    same_rows = all(r.stride(1) == first.stride(1) and (r.stride(0) == first.stride(0) or r.shape[0] == 1)
+                    for r in rows)
+    if (not same_rows or config["BLOCK_V"] < align or not all(r.data_ptr() % 16 == 0 for r in rows)
+            or all(_rows_aligned(r) for r in rows)):
+        return 1
+    return align
+
+
+def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
     """How many adjacent lanes the statistics kernel sums into one accumulator: the elements
-    of one 16-byte load. Triton vectorises the loads only when it can prove the rows 16-byte
-    aligned (pointer and strides multiples of 16, the divisibility it specialises on);
-    otherwise each thread's elements are strided and folding would cost shuffles, so 1."""
-    aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.stride(1) % 16 == 0
+    of one 16-byte load. Triton vectorises the loads only when it can prove them 16-byte
+    aligned (rows aligned, or shifted to alignment: ``align`` > 1); otherwise each thread's
+    elements are strided and folding would cost shuffles, so 1."""
+    if not (align > 1 or _rows_aligned(logits)):
+        return 1
     # The interpreter has no threads: any fold works.
     per_thread = config["BLOCK_V"] if _INTERPRETING else config["BLOCK_V"] // (32 * config["num_warps"])
-    return max(1, min(16 // logits.element_size(), per_thread)) if aligned else 1
+    return max(1, min(16 // logits.element_size(), per_thread))
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
@@ -133,6 +155,7 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
     if batch * seq_len == 0:
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
+    config = launch_config(n_cols, "grad")
     with _device_guard(logits):
         launch(
             logits_grad_kernel, batch * seq_len,
@@ -140,7 +163,7 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
             grad.stride(0), grad.stride(1), lse.stride(0), n_cols, vocab_size or n_cols,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
-            **launch_config(n_cols, "grad"),
+            ALIGN=_row_align(config, logits, grad), **config,
         )
 
 

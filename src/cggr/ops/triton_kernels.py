@@ -63,11 +63,23 @@ def _fold(values, BLOCK_V: tl.constexpr, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _aligned_row(ptr, base, ALIGN: tl.constexpr):
+    """(row pointer, shift) of the row at element offset ``base``, for ALIGN > 1: the elements
+    per 16 bytes, when the tensor's pointer is 16-byte aligned but its row strides are not.
+    The row is then read from the 16-byte boundary ``shift`` elements before its start, so
+    that every block from position ALIGN on (column = position - shift) is read in whole
+    16-byte vectors; positions before ALIGN are the caller's head. (With ALIGN = 1 the kernels
+    use the row pointer itself: the strides make it 16-byte aligned, or nothing can.)"""
+    return ptr + (base // ALIGN) * ALIGN, base % ALIGN
+
+
+@triton.jit
 def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
     seq_len, stride_b, stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
     order); zeros on invalid rows, and in the optional fields the scoring does not read, so
@@ -78,7 +90,8 @@ def row_stats_kernel(
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
     the end. ``t`` accumulates ``e * d`` (``d`` the shifted exponent) so that the entropy
     ``log S - t / S`` never subtracts two large numbers. ``sum x`` (always kept: one add) flags NaN and +inf rows.
-    Full blocks are read with a one-block prefetch; one masked tail block follows.
+    Full blocks are read with a one-block prefetch; one masked tail block follows. With
+    ``ALIGN`` > 1 rows may start anywhere (see :func:`_aligned_row`).
     """
     row = tl.program_id(0).to(tl.int64)
     base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
@@ -93,23 +106,35 @@ def row_stats_kernel(
     q_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
     x_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
     second = m
-    full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
+    if ALIGN > 1:  # the head: positions [shift, ALIGN), one block with at most ALIGN lanes read
+        row_ptr, shift = _aligned_row(logits_ptr, base, ALIGN)
+        first = ALIGN
+        length = vocab_size + shift  # positions from row_ptr: column = position - shift
+        head = (cols >= shift) & (cols < ALIGN) & (cols < length) & valid
+        x = tl.load(row_ptr + cols, mask=head, other=neg_inf).to(ACC_DTYPE)
+        x_acc += _fold(tl.where(head, x, 0.0), BLOCK_V, FOLD)
+        m, second, s_acc, t_acc, q_acc = _absorb_block(
+            x, -shift, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+        full_end = tl.where(valid, first + (tl.maximum(length - first, 0) // BLOCK_V) * BLOCK_V, first)
+    else:
+        row_ptr, shift, first, length = logits_ptr + base, 0, 0, vocab_size
+        full_end = tl.where(valid, (vocab_size // BLOCK_V) * BLOCK_V, 0)
     # The next block's load is issued before this one is worked on (prefetch: 65% -> 80% of
     # copy bandwidth on an H100). Its masked lanes are never used, so they need no fill value.
-    x_next = tl.load(logits_ptr + base + cols, mask=cols < full_end)
-    for start in range(0, full_end, BLOCK_V):
+    x_next = tl.load(row_ptr + first + cols, mask=first + cols < full_end)
+    for start in range(first, full_end, BLOCK_V):
         x = x_next.to(ACC_DTYPE)
         ahead = start + BLOCK_V + cols
-        x_next = tl.load(logits_ptr + base + ahead, mask=ahead < full_end)
+        x_next = tl.load(row_ptr + ahead, mask=ahead < full_end)
         x_acc += _fold(x, BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
-            x, start, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+            x, start - shift, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
     offs = full_end + cols
-    in_row = (offs < vocab_size) & valid
-    x = tl.load(logits_ptr + base + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
+    in_row = (offs < length) & valid
+    x = tl.load(row_ptr + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
     x_acc += _fold(tl.where(in_row, x, 0.0), BLOCK_V, FOLD)
     m, second, s_acc, t_acc, q_acc = _absorb_block(
-        x, full_end, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+        x, full_end - shift, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
 
     # s and t are in base 2: lse = ln 2 (m log2 e + log2 S) and H = ln 2 (log2 S - t / S).
     total = tl.sum(s_acc, 0)
@@ -195,20 +220,30 @@ def logits_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
     seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, n_cols, vocab_size,
     eps_hi, eps_lo, z_hi, z_lo,
-    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
     rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
     the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2).
     Rows hold ``n_cols`` consecutive columns of ``vocab_size`` (all of them but in the linear
-    path's recomputation of a vocabulary slice), targets counted from the first of them."""
+    path's recomputation of a vocabulary slice), targets counted from the first of them.
+
+    A row is written as: a head (ALIGN > 1, see :func:`_aligned_row`; logits and gradient rows
+    share their shift), whole blocks, the rest in whole 16-byte vectors, and a last partial
+    vector, so that only the head and the last vector are read and written element-wise."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
     base = b * stride_b + t * stride_t
     grad_base = b * grad_stride_b + t * grad_stride_t
+    if ALIGN > 1:
+        in_ptr, shift = _aligned_row(logits_ptr, base, ALIGN)
+        out_ptr, _ = _aligned_row(grad_ptr, grad_base, ALIGN)
+        first = ALIGN
+    else:
+        in_ptr, out_ptr, shift, first = logits_ptr + base, grad_ptr + grad_base, 0, 0
     selected = tl.load(mask_ptr + row) != 0
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64) + shift  # as a position
     lse = tl.load(lse_ptr + row * lse_stride).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
     if SCALE_MODE == 1:
@@ -216,22 +251,44 @@ def logits_grad_kernel(
     elif SCALE_MODE == 2:
         coef *= tl.load(scale_ptr + row).to(ACC_DTYPE)
     label_smoothing = _joined(eps_hi, eps_lo, ACC_DTYPE)
-    z_loss = _joined(z_hi, z_lo, ACC_DTYPE)
-    p_scale = 1.0 + 2.0 * z_loss * lse
+    p_scale = 1.0 + 2.0 * _joined(z_hi, z_lo, ACC_DTYPE) * lse
     smooth = label_smoothing / vocab_size
-    cols = tl.arange(0, BLOCK_V)
-    if selected:  # uniform branch: unselected rows only store zeros
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + cols
-            in_row = offs < n_cols
-            x = tl.load(logits_ptr + base + offs, mask=in_row, other=0.0).to(ACC_DTYPE)
-            g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
-            tl.store(grad_ptr + grad_base + offs, (coef * g).to(grad_ptr.dtype.element_ty), mask=in_row)
+    length = n_cols + shift  # positions from the row pointers: column = position - shift
+    if ALIGN > 1:
+        head = tl.arange(0, ALIGN)
+        _grad_piece(in_ptr, out_ptr, head, (head >= shift) & (head < length), selected, target, lse, coef, p_scale,
+                    smooth, label_smoothing, ACC_DTYPE)
+        blocks_end = first + (tl.maximum(length - first, 0) // BLOCK_V) * BLOCK_V
+        vectors_end = tl.maximum((length // ALIGN) * ALIGN, first)
     else:
-        zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + cols
-            tl.store(grad_ptr + grad_base + offs, zeros, mask=offs < n_cols)
+        blocks_end = (length // BLOCK_V) * BLOCK_V
+        vectors_end = length
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(first, blocks_end, BLOCK_V):
+        offs = start + cols
+        _grad_piece(in_ptr, out_ptr, offs, offs < blocks_end, selected, target, lse, coef, p_scale, smooth,
+                    label_smoothing, ACC_DTYPE)
+    offs = blocks_end + cols
+    _grad_piece(in_ptr, out_ptr, offs, offs < vectors_end, selected, target, lse, coef, p_scale, smooth,
+                label_smoothing, ACC_DTYPE)
+    if ALIGN > 1:  # the last partial vector
+        last = vectors_end + tl.arange(0, ALIGN)
+        _grad_piece(in_ptr, out_ptr, last, last < length, selected, target, lse, coef, p_scale, smooth,
+                    label_smoothing, ACC_DTYPE)
+
+
+@triton.jit
+def _grad_piece(in_ptr, out_ptr, offs, mask, selected, target, lse, coef, p_scale, smooth, label_smoothing,
+                ACC_DTYPE: tl.constexpr):
+    """The gradient of one row's positions ``offs`` where ``mask``; zeros on an unselected row,
+    whose logits are not read."""
+    if selected:  # uniform
+        x = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
+        value = coef * g
+    else:
+        value = tl.zeros(offs.shape, ACC_DTYPE)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
