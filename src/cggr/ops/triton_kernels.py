@@ -70,7 +70,7 @@ def _aligned_row(ptr, base, ALIGN: tl.constexpr):
     that every block from position ALIGN on (column = position - shift) is read in whole
     16-byte vectors; positions before ALIGN are the caller's head. (With ALIGN = 1 the kernels
     use the row pointer itself: the strides make it 16-byte aligned, or nothing can.)"""
-    return ptr + (base // ALIGN) * ALIGN, base % ALIGN
+    return ptr + (base // ALIGN) * ALIGN, (base % ALIGN).to(tl.int32)
 
 
 @triton.jit
@@ -229,7 +229,7 @@ def logits_grad_kernel(
     path's recomputation of a vocabulary slice), targets counted from the first of them.
 
     A row is written as: a head (ALIGN > 1, see :func:`_aligned_row`; logits and gradient rows
-    share their shift), whole blocks, the rest in whole 16-byte vectors, and a last partial
+    share their shift), blocks up to its last whole 16-byte vector, and the last partial
     vector, so that only the head and the last vector are read and written element-wise."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
@@ -243,7 +243,7 @@ def logits_grad_kernel(
     else:
         in_ptr, out_ptr, shift, first = logits_ptr + base, grad_ptr + grad_base, 0, 0
     selected = tl.load(mask_ptr + row) != 0
-    target = tl.load(targets_ptr + row).to(tl.int64) + shift  # as a position
+    target = tl.load(targets_ptr + row).to(tl.int32) + shift  # as a position (int32: positions are, in registers)
     lse = tl.load(lse_ptr + row * lse_stride).to(ACC_DTYPE)
     coef = tl.load(coef_ptr + row).to(ACC_DTYPE)
     if SCALE_MODE == 1:
@@ -254,35 +254,43 @@ def logits_grad_kernel(
     p_scale = 1.0 + 2.0 * _joined(z_hi, z_lo, ACC_DTYPE) * lse
     smooth = label_smoothing / vocab_size
     length = n_cols + shift  # positions from the row pointers: column = position - shift
-    if ALIGN > 1:
-        head = tl.arange(0, ALIGN)
-        _grad_piece(in_ptr, out_ptr, head, (head >= shift) & (head < length), selected, target, lse, coef, p_scale,
-                    smooth, label_smoothing, ACC_DTYPE)
-        blocks_end = first + (tl.maximum(length - first, 0) // BLOCK_V) * BLOCK_V
-        vectors_end = tl.maximum((length // ALIGN) * ALIGN, first)
+    if selected:  # uniform branch: unselected rows only store zeros
+        _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
+                  BLOCK_V, ACC_DTYPE, ALIGN, True)
     else:
-        blocks_end = (length // BLOCK_V) * BLOCK_V
-        vectors_end = length
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(first, blocks_end, BLOCK_V):
-        offs = start + cols
-        _grad_piece(in_ptr, out_ptr, offs, offs < blocks_end, selected, target, lse, coef, p_scale, smooth,
-                    label_smoothing, ACC_DTYPE)
-    offs = blocks_end + cols
-    _grad_piece(in_ptr, out_ptr, offs, offs < vectors_end, selected, target, lse, coef, p_scale, smooth,
-                label_smoothing, ACC_DTYPE)
-    if ALIGN > 1:  # the last partial vector
-        last = vectors_end + tl.arange(0, ALIGN)
-        _grad_piece(in_ptr, out_ptr, last, last < length, selected, target, lse, coef, p_scale, smooth,
-                    label_smoothing, ACC_DTYPE)
+        _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
+                  BLOCK_V, ACC_DTYPE, ALIGN, False)
 
 
 @triton.jit
-def _grad_piece(in_ptr, out_ptr, offs, mask, selected, target, lse, coef, p_scale, smooth, label_smoothing,
-                ACC_DTYPE: tl.constexpr):
-    """The gradient of one row's positions ``offs`` where ``mask``; zeros on an unselected row,
-    whose logits are not read."""
-    if selected:  # uniform
+def _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
+              BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, ALIGN: tl.constexpr, SELECTED: tl.constexpr):
+    """One row's positions [shift, length): the head (ALIGN > 1), blocks up to the last whole
+    vector (masked, but in whole vectors), and the last partial vector (ALIGN > 1)."""
+    if ALIGN > 1:
+        head = tl.arange(0, ALIGN)
+        _grad_piece(in_ptr, out_ptr, head, (head >= shift) & (head < length), target, lse, coef, p_scale, smooth,
+                    label_smoothing, ACC_DTYPE, SELECTED)
+        vectors_end = tl.maximum((length // ALIGN) * ALIGN, first)
+    else:
+        vectors_end = length
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(first, vectors_end, BLOCK_V):
+        offs = start + cols
+        _grad_piece(in_ptr, out_ptr, offs, offs < vectors_end, target, lse, coef, p_scale, smooth, label_smoothing,
+                    ACC_DTYPE, SELECTED)
+    if ALIGN > 1:
+        last = vectors_end + tl.arange(0, ALIGN)
+        _grad_piece(in_ptr, out_ptr, last, last < length, target, lse, coef, p_scale, smooth, label_smoothing,
+                    ACC_DTYPE, SELECTED)
+
+
+@triton.jit
+def _grad_piece(in_ptr, out_ptr, offs, mask, target, lse, coef, p_scale, smooth, label_smoothing,
+                ACC_DTYPE: tl.constexpr, SELECTED: tl.constexpr):
+    """The gradient at one row's positions ``offs`` where ``mask``; zeros on an unselected row
+    (not SELECTED), whose logits are not read."""
+    if SELECTED:
         x = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
         value = coef * g
