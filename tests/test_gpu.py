@@ -50,24 +50,52 @@ def test_large_vocab_matches_reference(dtype, vocab):
     assert_backends_agree(triton_result, torch_result, 1e-4, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shifted_sequence_view_with_odd_vocab(dtype):
+    """``logits[:, :-1]`` of [4, 65, 50257], the usual next-token shift: rows start anywhere and
+    are read shifted to 16-byte boundaries, into a gradient buffer with the view's strides."""
+    torch.manual_seed(6)
+    logits = (torch.randn(4, 65, 50257, device="cuda") * 3).to(dtype)
+    targets = torch.randint(0, 50257, (4, 64), device="cuda")
+    out = []
+    for backend in ("triton", "torch"):
+        base = logits.clone().requires_grad_(True)
+        loss, info = cggr_cross_entropy(base[:, :-1], targets, 0.3, backend=backend, return_info=True)
+        loss.backward()
+        out.append((loss.detach(), base.grad[:, :-1], info))
+        assert (base.grad[:, -1] == 0).all()
+    assert_backends_agree(*out, 1e-4, TOL[dtype])
+
+
 def test_cached_launches_respecialise_on_alignment_and_dtype():
     """The launch cache (cggr.ops.launch) must not reuse a kernel compiled for 16-byte aligned
-    rows (vectorised loads) on unaligned ones, nor one compiled for another dtype: the same
-    shapes alternate between an aligned buffer, a view one element in, and float16."""
+    rows (vectorised loads) on rows that are not, nor one compiled for another dtype: the same
+    shapes alternate between an aligned buffer, rows of stride V + 1 (read shifted to 16-byte
+    boundaries), a view one element in (read as they are), and float16."""
     torch.manual_seed(5)
     vocab = 4096
-    storage = (torch.randn(64 * vocab + 1, device="cuda") * 3).to(torch.bfloat16)
+    storage = (torch.randn(64 * (vocab + 1) + 1, device="cuda") * 3).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (64,), device="cuda")
+
+    def rows_of(flat, layout):
+        if layout == "padded":
+            return flat[:64 * (vocab + 1)].view(64, vocab + 1)[:, :vocab]
+        offset = 1 if layout == "offset" else 0
+        return flat[offset:offset + 64 * vocab].view(64, vocab)  # not a copy: an offset stays unaligned
+
     for _ in range(2):  # the second round runs every variant from the cache
-        for offset, dtype in ((0, torch.bfloat16), (1, torch.bfloat16), (1, torch.float16)):
+        for layout, dtype in (("aligned", torch.bfloat16), ("padded", torch.bfloat16), ("offset", torch.bfloat16),
+                              ("padded", torch.float16), ("offset", torch.float16)):
             out = []
             for backend in ("triton", "torch"):
                 base = storage.to(dtype).clone().requires_grad_(True)
-                logits = base[offset:offset + 64 * vocab].view(64, vocab)  # not a copy: offset stays unaligned
-                loss, info = cggr_cross_entropy(logits, targets, 0.5, backend=backend, return_info=True)
+                loss, info = cggr_cross_entropy(rows_of(base, layout), targets, 0.5, backend=backend,
+                                                return_info=True)
                 loss.backward()
-                out.append((loss.detach(), base.grad[offset:offset + 64 * vocab].view(64, vocab), info))
+                out.append((loss.detach(), rows_of(base.grad, layout), info))
             assert_backends_agree(*out, 1e-4, TOL[dtype])
+            padding = base.grad[:64 * (vocab + 1)].view(64, vocab + 1)[:, vocab]
+            assert layout != "padded" or (padding == 0).all()
 
 
 def test_extreme_logits_and_neg_inf():
@@ -96,8 +124,9 @@ def test_nan_row_is_selected_and_gives_nan():
     assert bool(info.mask[5]) and torch.isnan(loss)
 
 
-def test_more_than_2_pow_31_elements():
-    vocab, rows = 131072, 16500  # 2.16e9 elements > 2**31
+@pytest.mark.parametrize("vocab", [131072, 131071])  # rows 16-byte aligned, and rows read shifted
+def test_more_than_2_pow_31_elements(vocab):
+    rows = 16500  # 2.16e9 elements > 2**31
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device="cuda")
     x = logits.requires_grad_(True)

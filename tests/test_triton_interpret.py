@@ -55,10 +55,24 @@ def test_special_values():
     _compare(logits, targets, 0.5, 1e-4, selection="topk")
 
 
-def test_strided_rows_and_int32_targets():
+@pytest.mark.parametrize("view", ["later_steps", "earlier_steps", "padded_rows"])
+def test_strided_rows_and_int32_targets(view):
+    """Views not viewable as 2-D: [2, 8, 33] of [2, 9, 33] (T stride 33, B stride 297), from the
+    second step (pointer not 16-byte aligned: rows read as they are) or the first (rows read
+    shifted to 16-byte boundaries, the gradient buffer strided alike), and [2, 9, 32] of padded rows."""
+    from cggr.ops import triton_backend
+
     big, targets = make_batch((2, 9), 33, torch.float32, ignore_frac=0.2, seed=3)
-    view = big[:, 1:]  # [2, 8, 33]: T stride 33, B stride 297 -- not viewable as 2-D
-    _compare(view, targets[:, 1:].to(torch.int32), 0.4, 1e-5)
+    if view == "padded_rows":
+        rows, targets = big[..., :32], torch.where(targets >= 0, targets % 32, targets)
+    else:
+        steps = slice(1, None) if view == "later_steps" else slice(None, -1)
+        rows, targets = big[:, steps], targets[:, steps]
+    grad = triton_backend._grad_buffer(rows)
+    assert grad.stride() == rows.stride()
+    config = triton_backend.launch_config(rows.shape[-1], "grad")
+    assert triton_backend._row_align(config, rows, grad) == (1 if view == "later_steps" else 4)
+    _compare(rows, targets.to(torch.int32), 0.4, 1e-5)
 
 
 def test_inplace_backward_writes_into_logits():

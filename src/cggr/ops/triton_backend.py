@@ -172,8 +172,21 @@ def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
     return 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
 
 
+def _grad_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for ``logits`` [B, T, V]: with the logits' strides where its rows do not
+    overlap and its span exceeds B*T*V by at most 1/16 (a view of a shifted sequence, padded
+    rows), so that rows read shifted to 16-byte boundaries are written shifted alike; else
+    contiguous."""
+    (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()
+    span = (b - 1) * stride_b + (t - 1) * stride_t + v
+    apart = (t == 1 or stride_t >= v) and (b == 1 or stride_b >= (t - 1) * stride_t + v)
+    if logits.stride(2) == 1 and min(stride_b, stride_t) >= 0 and apart and span * 16 <= b * t * v * 17:
+        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _grad_buffer(logits)
     _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     return grad
 
@@ -192,7 +205,7 @@ def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
 
 @logits_grad_op.register_fake
 def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _grad_buffer(logits)
 
 
 @torch.library.custom_op("cggr::logits_grad_", mutates_args=("logits",))
