@@ -1,5 +1,6 @@
-"""Rows whose start is not 16-byte aligned (V odd, or not a multiple of 8 in bf16): the
-statistics pass and forward+backward against aligned neighbours of the same size.
+"""Rows whose start is not 16-byte aligned (V odd, or not a multiple of 8 in bf16), read
+shifted to 16-byte boundaries: the statistics pass and forward+backward against aligned
+neighbours of about the same size (bench/NOTES.md, step 18).
 
     python bench/probe_vocab.py [N]
 
