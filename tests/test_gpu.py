@@ -63,7 +63,6 @@ def test_shifted_sequence_view_with_odd_vocab(dtype):
         loss, info = cggr_cross_entropy(base[:, :-1], targets, 0.3, backend=backend, return_info=True)
         loss.backward()
         out.append((loss.detach(), base.grad[:, :-1], info))
-        assert (base.grad[:, -1] == 0).all()
     assert_backends_agree(*out, 1e-4, TOL[dtype])
 
 
@@ -94,8 +93,12 @@ def test_cached_launches_respecialise_on_alignment_and_dtype():
                 loss.backward()
                 out.append((loss.detach(), rows_of(base.grad, layout), info))
             assert_backends_agree(*out, 1e-4, TOL[dtype])
-            padding = base.grad[:64 * (vocab + 1)].view(64, vocab + 1)[:, vocab]
-            assert layout != "padded" or (padding == 0).all()
+            if layout == "padded":  # in place, the gradient overwrites the rows and nothing between them
+                base = storage.to(dtype).clone().requires_grad_(True)
+                cggr_cross_entropy(rows_of(base, layout), targets, 0.5, inplace_backward=True).backward()
+                torch.testing.assert_close(rows_of(base.grad, layout), out[0][1], rtol=0, atol=0)
+                between = storage.to(dtype)[:64 * (vocab + 1)].view(64, vocab + 1)[:, vocab]
+                assert torch.equal(base.detach()[:64 * (vocab + 1)].view(64, vocab + 1)[:, vocab], between)
 
 
 def test_extreme_logits_and_neg_inf():
