@@ -40,9 +40,9 @@ _INTERPRETING = triton_interpreting()
 
 
 def launch_config(length: int, kind: str, block_name: str = "BLOCK_V") -> dict:
-    """Launch parameters of the ``'stats'``, ``'stats_extra'``, ``'grad'`` or ``'select'`` kernel
-    over ``length`` elements (the vocabulary, or the rows for ``'select'``). The interpreter
-    costs per loop iteration, so it gets one large block."""
+    """Launch parameters of a kernel kind of :data:`CONFIGS` over ``length`` elements (the
+    vocabulary, or the rows for ``'select'``). The interpreter costs per loop iteration, so it
+    gets one large block."""
     whole = 1 << max(length - 1, 0).bit_length()  # the next power of 2 (triton's is a slower jit function)
     if _INTERPRETING:
         return {block_name: min(whole, 1 << 16)}
@@ -177,10 +177,10 @@ def _grad_buffer(logits: torch.Tensor) -> torch.Tensor:
     overlap and its span exceeds B*T*V by at most 1/16 (a view of a shifted sequence, padded
     rows), so that rows read shifted to 16-byte boundaries are written shifted alike; else
     contiguous."""
-    (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()
+    (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()  # unit stride along V
     span = (b - 1) * stride_b + (t - 1) * stride_t + v
     apart = (t == 1 or stride_t >= v) and (b == 1 or stride_b >= (t - 1) * stride_t + v)
-    if logits.stride(2) == 1 and min(stride_b, stride_t) >= 0 and apart and span * 16 <= b * t * v * 17:
+    if apart and span * 16 <= b * t * v * 17:
         return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
