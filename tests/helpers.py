@@ -13,12 +13,13 @@ def make_batch(shape, vocab, dtype=torch.float32, ignore_frac=0.2, seed=0, scale
     return logits, targets.masked_fill(ignore, -100)
 
 
-def loss_and_grad(logits, targets, ratio, **kw):
-    """(loss, grad, info) for a fresh leaf copy of ``logits``."""
+def loss_and_grad(logits, targets, ratio, view=None, **kw):
+    """(loss, grad, info) for a fresh leaf copy of ``logits``, or for ``view(copy)`` (the loss
+    then sees the view's layout: a copy of a view would be contiguous)."""
     x = logits.detach().clone().requires_grad_(True)
-    loss, info = cggr_cross_entropy(x, targets, ratio, return_info=True, **kw)
+    loss, info = cggr_cross_entropy(x if view is None else view(x), targets, ratio, return_info=True, **kw)
     loss.sum().backward()
-    return loss.detach(), x.grad, info
+    return loss.detach(), x.grad if view is None else view(x.grad), info
 
 
 INFO_FIELDS = ("difficulty", "confidence", "entropy", "nll")

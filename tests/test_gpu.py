@@ -51,18 +51,24 @@ def test_large_vocab_matches_reference(dtype, vocab):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_shifted_sequence_view_with_odd_vocab(dtype):
-    """``logits[:, :-1]`` of [4, 65, 50257], the usual next-token shift: rows start anywhere and
-    are read shifted to 16-byte boundaries, into a gradient buffer with the view's strides."""
+@pytest.mark.parametrize("steps", ["first", "later"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_shifted_sequence_view_with_odd_vocab(dtype, steps, inplace):
+    """``logits[:, :-1]`` of [4, 65, 50257] (the usual next-token shift) and ``logits[:, 1:]``
+    (a prompt sliced off: the view's pointer is not 16-byte aligned either): rows start
+    anywhere and are read shifted to 16-byte boundaries, into a gradient buffer with the
+    view's strides and offset, or into the logits."""
     torch.manual_seed(6)
     logits = (torch.randn(4, 65, 50257, device="cuda") * 3).to(dtype)
     targets = torch.randint(0, 50257, (4, 64), device="cuda")
+    take = (lambda x: x[:, :-1]) if steps == "first" else (lambda x: x[:, 1:])
     out = []
     for backend in ("triton", "torch"):
         base = logits.clone().requires_grad_(True)
-        loss, info = cggr_cross_entropy(base[:, :-1], targets, 0.3, backend=backend, return_info=True)
+        loss, info = cggr_cross_entropy(take(base), targets, 0.3, backend=backend, return_info=True,
+                                        inplace_backward=inplace and backend == "triton")
         loss.backward()
-        out.append((loss.detach(), base.grad[:, :-1], info))
+        out.append((loss.detach(), take(base.grad), info))
     assert_backends_agree(*out, 1e-4, TOL[dtype])
 
 
@@ -70,7 +76,7 @@ def test_cached_launches_respecialise_on_alignment_and_dtype():
     """The launch cache (cggr.ops.launch) must not reuse a kernel compiled for 16-byte aligned
     rows (vectorised loads) on rows that are not, nor one compiled for another dtype: the same
     shapes alternate between an aligned buffer, rows of stride V + 1 (read shifted to 16-byte
-    boundaries), a view one element in (read as they are), and float16."""
+    boundaries), a view one element in (passed from the boundary before it), and float16."""
     torch.manual_seed(5)
     vocab = 4096
     storage = (torch.randn(64 * (vocab + 1) + 1, device="cuda") * 3).to(torch.bfloat16)

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 triton = pytest.importorskip("triton")
 
 def _compare(logits, targets, ratio, tol, **kw):
+    """Loss, gradient and info of the two backends on ``logits`` (or on ``view(logits)``)."""
     results = {}
     for backend in ("triton", "torch"):
         gen = torch.Generator().manual_seed(11)
@@ -58,21 +59,31 @@ def test_special_values():
 @pytest.mark.parametrize("view", ["later_steps", "earlier_steps", "padded_rows"])
 def test_strided_rows_and_int32_targets(view):
     """Views not viewable as 2-D: [2, 8, 33] of [2, 9, 33] (T stride 33, B stride 297), from the
-    second step (pointer not 16-byte aligned: rows read as they are) or the first (rows read
-    shifted to 16-byte boundaries, the gradient buffer strided alike), and [2, 9, 32] of padded rows."""
+    second step (pointer one element past a 16-byte boundary: passed from that boundary) or the
+    first, and [2, 9, 32] of padded rows: rows read shifted to 16-byte boundaries, into a
+    gradient buffer strided (and offset) alike."""
     from cggr.ops import triton_backend
 
     big, targets = make_batch((2, 9), 33, torch.float32, ignore_frac=0.2, seed=3)
     if view == "padded_rows":
-        rows, targets = big[..., :32], torch.where(targets >= 0, targets % 32, targets)
+        def take(x):
+            return x[..., :32]
+        targets = torch.where(targets >= 0, targets % 32, targets)
     else:
         steps = slice(1, None) if view == "later_steps" else slice(None, -1)
-        rows, targets = big[:, steps], targets[:, steps]
-    grad = triton_backend._grad_buffer(rows)
-    assert grad.stride() == rows.stride()
+
+        def take(x):
+            return x[:, steps]
+        targets = targets[:, steps]
+    rows = take(big)
+    offset = triton_backend._boundary_offset(rows)
+    assert offset == (1 if view == "later_steps" else 0)
+    grad = triton_backend._grad_buffer(rows, offset)
+    assert grad.stride() == rows.stride() and grad.storage_offset() == offset
     config = triton_backend.launch_config(rows.shape[-1], "grad")
-    assert triton_backend._row_align(config, rows, grad) == (1 if view == "later_steps" else 4)
-    _compare(rows, targets.to(torch.int32), 0.4, 1e-5)
+    align, passed, passed_offset = triton_backend._row_layout(config, rows, grad)
+    assert (align, passed_offset) == (4, offset) and all(p.data_ptr() % 16 == 0 for p in passed)
+    _compare(big, targets.to(torch.int32), 0.4, 1e-5, view=take)
 
 
 def test_inplace_backward_writes_into_logits():
@@ -129,7 +140,22 @@ def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstrea
     torch.testing.assert_close(x.grad, 2 * y.grad)
 
 
-@pytest.mark.parametrize("layout", ["aligned", "shifted", "offset"])
+def _unreachable_boundary(shape, dtype):
+    """A tensor of ``shape`` one element past a 16-byte boundary that lies before its storage
+    (a buffer's memory, as from a foreign library): it can only be read as it is."""
+    size = torch.empty((), dtype=dtype).element_size()
+    n = 1
+    for extent in shape:
+        n *= extent
+    raw = bytearray(n * size + 32)
+    address = torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+    start = (size - address) % 16
+    tensor = torch.frombuffer(raw, dtype=dtype, offset=start, count=n).view(shape)
+    assert tensor.data_ptr() % 16 == size and tensor.storage_offset() == 0
+    return tensor
+
+
+@pytest.mark.parametrize("layout", ["aligned", "shifted", "offset", "unreachable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scoring", SCORINGS)
 def test_many_small_blocks(monkeypatch, scoring, dtype, layout):
@@ -137,8 +163,9 @@ def test_many_small_blocks(monkeypatch, scoring, dtype, layout):
     blocks) and the target's block are carried from block to block as on the GPU, in each of
     the kernels' row layouts: 'aligned' (V=208, every row 16-byte aligned: accumulators folded),
     'shifted' (V=101: rows start anywhere, read from the 16-byte boundary before them as a head,
-    whole blocks, whole vectors and a last partial vector) and 'offset' (a view whose pointer
-    is not 16-byte aligned: rows read as they are)."""
+    whole blocks, whole vectors and a last partial vector), 'offset' (a view one element in: the
+    same, passed from the boundary before its pointer) and 'unreachable' (that boundary lies
+    before the storage: rows read as they are)."""
     from cggr.ops import triton_backend
 
     config = {"BLOCK_V": 16}
@@ -146,17 +173,35 @@ def test_many_small_blocks(monkeypatch, scoring, dtype, layout):
     vocab = 208 if layout == "aligned" else 101
     g = torch.Generator().manual_seed(8)
     big = torch.randint(-3, 4, (2, 12, vocab + 1), generator=g).to(dtype)  # small integers: many ties
-    logits = big[..., 1:] if layout == "offset" else big[..., :vocab].contiguous()
-    per_vector = 16 // logits.element_size()
-    assert triton_backend._row_align(config, logits) == (per_vector if layout == "shifted" else 1)
-    assert triton_backend._fold_width(logits, config, triton_backend._row_align(config, logits)) == (
-        1 if layout == "offset" else per_vector)
-    logits[0, 0, 5] = logits[0, 0, 90] = 9.0  # a maximum shared by two blocks
-    logits[0, 1, 3:6] = 9.0  # shared inside one block
-    logits[0, 2, vocab - 1] = 9.0  # in the last block
+    big[..., 1:][0, 0, 5] = big[..., 1:][0, 0, 90] = 9.0  # a maximum shared by two blocks
+    big[..., 1:][0, 1, 3:6] = 9.0  # shared inside one block
+    big[..., 1:][0, 2, vocab - 1] = 9.0  # in the last block
     targets = torch.randint(0, vocab, (2, 12), generator=g)
     targets[1, :4] = torch.tensor([0, 15, vocab - 1, 7])  # first column, last of a block, last column, in a head
-    _compare(logits, targets, 0.5, 1e-5, scoring=scoring)
+
+    def take(x):
+        return x[..., 1:]
+    rows = take(big) if layout == "offset" else big[..., 1:].contiguous()
+    if layout == "unreachable":
+        rows = _unreachable_boundary(rows.shape, dtype).copy_(rows)
+    per_vector = 16 // rows.element_size()
+    align, (passed,), _ = triton_backend._row_layout(config, rows)
+    assert align == (1 if layout in ("aligned", "unreachable") else per_vector)
+    assert triton_backend._fold_width(passed, config, align) == (1 if layout == "unreachable" else per_vector)
+    if layout == "offset":
+        _compare(big, targets, 0.5, 1e-5, scoring=scoring, view=take)
+    elif layout == "unreachable":  # loss_and_grad's copy would be aligned: compare on the rows themselves
+        results = {}
+        for backend in ("triton", "torch"):
+            x = rows.requires_grad_(True)
+            loss, info = cggr_cross_entropy(x, targets, 0.5, scoring=scoring, backend=backend, return_info=True)
+            loss.backward()
+            results[backend] = (loss.detach(), x.grad, info)
+            x.grad = None
+        grad_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert_backends_agree(results["triton"], results["torch"], 1e-5, grad_tol)
+    else:
+        _compare(rows, targets, 0.5, 1e-5, scoring=scoring)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

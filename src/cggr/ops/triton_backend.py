@@ -92,15 +92,15 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
         return stats
     need_second, need_sum_sq = scoring_reads(scoring)
     config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_second or need_sum_sq))
-    align = _row_align(config, logits)
+    align, (rows,), offset = _row_layout(config, logits)
     with _device_guard(logits):
         launch(
             row_stats_kernel, n_rows,
-            logits, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), vocab_size,
+            rows, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), offset, vocab_size,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            FOLD=_fold_width(logits, config, align), ALIGN=align, **config,
+            FOLD=_fold_width(rows, config, align), ALIGN=align, **config,
         )
     return stats
 
@@ -111,18 +111,44 @@ def _rows_aligned(rows: torch.Tensor) -> bool:
     return rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and rows.stride(1) % 16 == 0
 
 
-def _row_align(config: dict, *rows: torch.Tensor) -> int:
-    """The kernels' ALIGN for rows read (and written) through ``rows`` [B, T, V], all with the
-    same strides: the elements per 16 bytes when the pointers are 16-byte aligned and the row
-    strides are not, so the kernels shift each row's reads to 16-byte boundaries; else 1."""
+def _boundary_offset(rows: torch.Tensor) -> int:
+    """How many elements after a 16-byte boundary ``rows`` starts, where the view from that
+    boundary lies inside its storage (``logits[:, k:]`` with V odd: the storage is aligned);
+    else 0."""
+    size = rows.element_size()
+    offset = rows.data_ptr() % 16 // size
+    return offset if rows.data_ptr() % size == 0 and rows.storage_offset() >= offset else 0
+
+
+def _from_boundary(rows: torch.Tensor):
+    """``(view, offset)``: ``rows`` seen from the 16-byte boundary ``offset`` elements before
+    their start (see :func:`_boundary_offset`). Triton specialises a pointer on 16-byte
+    alignment, so a view passed this way can be read in whole vectors; the kernels add
+    ``offset`` to every row."""
+    offset = _boundary_offset(rows)
+    if offset == 0:
+        return rows, 0
+    return rows.as_strided(rows.shape, rows.stride(), rows.storage_offset() - offset), offset
+
+
+def _row_layout(config: dict, *rows: torch.Tensor):
+    """``(ALIGN, tensors, offset)`` for rows read (and written) through ``rows`` [B, T, V]: the
+    tensors to pass (seen from a 16-byte boundary, see :func:`_from_boundary`), the offset
+    of their rows from it, and the kernels' ALIGN. ALIGN is the elements per 16 bytes when
+    every row can be read shifted to a 16-byte boundary by one shift for all ``rows`` (same
+    strides and offset) but not every row is aligned as it is; else 1, and ``rows`` are passed
+    as they are (aligned, or read element by element)."""
+    based = [_from_boundary(r) for r in rows]
+    views, offset = [view for view, _ in based], based[0][1]
     first = rows[0]
     align = 16 // first.element_size()
-    same_rows = all(r.stride(1) == first.stride(1) and (r.stride(0) == first.stride(0) or r.shape[0] == 1)
-                    for r in rows)
-    if (not same_rows or config["BLOCK_V"] < align or not all(r.data_ptr() % 16 == 0 for r in rows)
-            or all(_rows_aligned(r) for r in rows)):
-        return 1
-    return align
+    shared = all(r.stride(1) == first.stride(1) and (r.stride(0) == first.stride(0) or r.shape[0] == 1)
+                 for r in rows) and all(o == offset for _, o in based)
+    if not shared or config["BLOCK_V"] < align or not all(v.data_ptr() % 16 == 0 for v in views):
+        return 1, rows, 0
+    if offset == 0 and all(_rows_aligned(v) for v in views):
+        return 1, views, 0
+    return align, views, offset
 
 
 def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
@@ -156,14 +182,14 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
     config = launch_config(n_cols, "grad")
+    align, (rows, grad_rows), offset = _row_layout(config, logits, grad)
     with _device_guard(logits):
         launch(
             logits_grad_kernel, batch * seq_len,
-            logits, grad, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), lse.stride(0), n_cols, vocab_size or n_cols,
+            rows, grad_rows, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
+            grad.stride(0), grad.stride(1), offset, lse.stride(0), n_cols, vocab_size or n_cols,
             *_hi_lo(label_smoothing), *_hi_lo(z_loss),
-            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale),
-            ALIGN=_row_align(config, logits, grad), **config,
+            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale), ALIGN=align, **config,
         )
 
 
@@ -172,21 +198,26 @@ def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
     return 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
 
 
-def _grad_buffer(logits: torch.Tensor) -> torch.Tensor:
+def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """An empty gradient for ``logits`` [B, T, V]: with the logits' strides where its rows do not
     overlap and its span exceeds B*T*V by at most 1/16 (a view of a shifted sequence, padded
     rows), so that rows read shifted to 16-byte boundaries are written shifted alike; else
-    contiguous."""
+    contiguous. Its rows start ``offset`` elements into its storage (that of a view of the
+    logits, see :func:`_boundary_offset`), for the same reason."""
     (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()  # unit stride along V
     span = (b - 1) * stride_b + (t - 1) * stride_t + v
     apart = (t == 1 or stride_t >= v) and (b == 1 or stride_b >= (t - 1) * stride_t + v)
-    if apart and span * 16 <= b * t * v * 17:
-        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    strides = logits.stride() if apart and span * 16 <= b * t * v * 17 else (t * v, v, 1)
+    if offset == 0 or logits.numel() == 0:
+        return torch.empty_strided(logits.shape, strides, dtype=logits.dtype, device=logits.device)
+    storage = torch.empty(offset + (b - 1) * strides[0] + (t - 1) * strides[1] + v, dtype=logits.dtype,
+                          device=logits.device)
+    return storage.as_strided(logits.shape, strides, offset)
 
 
-def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
-    grad = _grad_buffer(logits)
+def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None,
+                     offset=0):
+    grad = _grad_buffer(logits, offset)
     _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
     return grad
 
@@ -232,8 +263,10 @@ def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_
         grad_scale = grad_scale.contiguous()
     compiling = torch.compiler.is_compiling()
     if out is None:
-        compute = logits_grad_op if compiling else _new_logits_grad
-        return compute(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+        if compiling:  # the op's gradient starts its storage, as its fake says
+            return logits_grad_op(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+        return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size,
+                                _boundary_offset(logits))
     if out is not logits:  # an identity test, which torch.compile can trace (data_ptr() it cannot)
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
     overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place

@@ -65,7 +65,8 @@ def _fold(values, BLOCK_V: tl.constexpr, FOLD: tl.constexpr):
 @triton.jit
 def _aligned_row(ptr, base, ALIGN: tl.constexpr):
     """(row pointer, shift) of the row at element offset ``base``, for ALIGN > 1: the elements
-    per 16 bytes, when the tensor's pointer is 16-byte aligned but its row strides are not.
+    per 16 bytes, when the tensor's pointer is 16-byte aligned but its rows' offsets (strides,
+    and the ``offset`` of a view passed from the boundary before it) are not.
     The row is then read from the 16-byte boundary ``shift`` elements before its start, so
     that every block from position ALIGN on (column = position - shift) is read in whole
     16-byte vectors; positions before ALIGN are the caller's head. (With ALIGN = 1 the kernels
@@ -76,7 +77,7 @@ def _aligned_row(ptr, base, ALIGN: tl.constexpr):
 @triton.jit
 def row_stats_kernel(
     logits_ptr, targets_ptr, valid_ptr, stats_ptr,
-    seq_len, stride_b, stride_t, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    seq_len, stride_b, stride_t, offset, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -90,11 +91,12 @@ def row_stats_kernel(
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
     the end. ``t`` accumulates ``e * d`` (``d`` the shifted exponent) so that the entropy
     ``log S - t / S`` never subtracts two large numbers. ``sum x`` (always kept: one add) flags NaN and +inf rows.
-    Full blocks are read with a one-block prefetch; one masked tail block follows. With
-    ``ALIGN`` > 1 rows may start anywhere (see :func:`_aligned_row`).
+    Full blocks are read with a one-block prefetch; one masked tail block follows. Row ``r``
+    starts at ``offset + (r // seq_len) * stride_b + (r % seq_len) * stride_t``; with ``ALIGN``
+    > 1 anywhere (see :func:`_aligned_row`).
     """
     row = tl.program_id(0).to(tl.int64)
-    base = (row // seq_len) * stride_b + (row % seq_len) * stride_t
+    base = offset + (row // seq_len) * stride_b + (row % seq_len) * stride_t
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = tl.load(valid_ptr + row) != 0
     cols = tl.arange(0, BLOCK_V)
@@ -218,7 +220,7 @@ def _store_stat(ptr, value, keep, valid):
 @triton.jit
 def logits_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
-    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, lse_stride, n_cols, vocab_size,
+    seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, offset, lse_stride, n_cols, vocab_size,
     eps_hi, eps_lo, z_hi, z_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr, ALIGN: tl.constexpr,
 ):
@@ -226,7 +228,8 @@ def logits_grad_kernel(
     rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
     the upstream gradient: 1 (SCALE_MODE 0), ``scale_ptr[0]`` (1) or ``scale_ptr[row]`` (2).
     Rows hold ``n_cols`` consecutive columns of ``vocab_size`` (all of them but in the linear
-    path's recomputation of a vocabulary slice), targets counted from the first of them.
+    path's recomputation of a vocabulary slice), targets counted from the first of them; both
+    tensors' rows start ``offset`` elements after their pointers (as in :func:`row_stats_kernel`).
 
     A row is written as: a head (ALIGN > 1, see :func:`_aligned_row`; logits and gradient rows
     share their shift), blocks up to its last whole 16-byte vector, and the last partial
@@ -234,8 +237,8 @@ def logits_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
-    base = b * stride_b + t * stride_t
-    grad_base = b * grad_stride_b + t * grad_stride_t
+    base = offset + b * stride_b + t * stride_t
+    grad_base = offset + b * grad_stride_b + t * grad_stride_t
     if ALIGN > 1:
         in_ptr, shift = _aligned_row(logits_ptr, base, ALIGN)
         out_ptr, _ = _aligned_row(grad_ptr, grad_base, ALIGN)
