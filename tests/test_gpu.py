@@ -34,8 +34,10 @@ def _pair(logits, targets, ratio, **kw):
 
 
 def _close(a, b, tol):
+    """max |a - b| <= tol * max |b| (gradients of large vocabularies are tiny everywhere, so an
+    absolute tolerance would pass anything)."""
     a, b = a.double(), b.double()
-    scale = b.abs().max().clamp(min=1.0)
+    scale = b.abs().max().clamp(min=1e-30)
     return ((a - b).abs().max() / scale).item() <= tol
 
 
@@ -122,7 +124,7 @@ def test_extreme_logits_and_neg_inf():
     probs = torch.softmax(logits.double(), -1)
     exact = torch.special.entr(probs).sum(-1)
     assert _close(it.entropy, exact, 1e-4) and _close(ir.entropy, exact, 1e-3)
-    assert _close(it.confidence, probs.amax(-1), 1e-5)
+    assert _close(it.confidence, probs.amax(-1), 2e-3)  # exp(m - lse): the same rounding, relative
 
 
 def test_nan_row_is_selected_and_gives_nan():
@@ -213,6 +215,25 @@ def test_torch_compile_fullgraph_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert _close(static.grad, x2.grad, 1e-2)
+
+
+def test_torch_compile_of_an_unaligned_view():
+    """``x[:, 1:]`` with V odd inside a compiled function: the statistics read the view from the
+    16-byte boundary before it; the compiled gradient buffer starts its own storage (as the
+    op's fake says), so logits and gradient rows are not shifted alike and are read as they are."""
+    torch.manual_seed(7)
+    logits = torch.randn(4, 257, 32001, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 32001, (4, 256), device="cuda")
+
+    def step(x):
+        return cggr_cross_entropy(x[:, 1:], targets, 0.25, check_targets=False)
+
+    grads = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        x = logits.clone().requires_grad_(True)
+        fn(x).backward()
+        grads.append(x.grad)
+    assert _close(*grads, 1e-2)
 
 
 def test_linear_path_matches_reference_on_gpu():

@@ -120,35 +120,28 @@ def _boundary_offset(rows: torch.Tensor) -> int:
     return offset if rows.data_ptr() % size == 0 and rows.storage_offset() >= offset else 0
 
 
-def _from_boundary(rows: torch.Tensor):
-    """``(view, offset)``: ``rows`` seen from the 16-byte boundary ``offset`` elements before
-    their start (see :func:`_boundary_offset`). Triton specialises a pointer on 16-byte
-    alignment, so a view passed this way can be read in whole vectors; the kernels add
-    ``offset`` to every row."""
-    offset = _boundary_offset(rows)
-    if offset == 0:
-        return rows, 0
-    return rows.as_strided(rows.shape, rows.stride(), rows.storage_offset() - offset), offset
-
-
 def _row_layout(config: dict, *rows: torch.Tensor):
     """``(ALIGN, tensors, offset)`` for rows read (and written) through ``rows`` [B, T, V]: the
-    tensors to pass (seen from a 16-byte boundary, see :func:`_from_boundary`), the offset
-    of their rows from it, and the kernels' ALIGN. ALIGN is the elements per 16 bytes when
-    every row can be read shifted to a 16-byte boundary by one shift for all ``rows`` (same
-    strides and offset) but not every row is aligned as it is; else 1, and ``rows`` are passed
-    as they are (aligned, or read element by element)."""
-    based = [_from_boundary(r) for r in rows]
-    views, offset = [view for view, _ in based], based[0][1]
+    tensors to pass, the offset of their rows from the pointers passed, and the kernels' ALIGN.
+
+    Triton specialises a pointer on 16-byte alignment, so a view starting ``offset`` elements
+    after a 16-byte boundary (see :func:`_boundary_offset`) is passed from that boundary and
+    the kernels add ``offset`` to every row. ALIGN is the elements per 16 bytes when every row
+    can then be read shifted to a 16-byte boundary, by one shift for all ``rows`` (same strides
+    and offset), but not every row is aligned as it is; else 1, and ``rows`` are passed as they
+    are (aligned, or read element by element)."""
     first = rows[0]
     align = 16 // first.element_size()
+    offset = _boundary_offset(first)
     shared = all(r.stride(1) == first.stride(1) and (r.stride(0) == first.stride(0) or r.shape[0] == 1)
-                 for r in rows) and all(o == offset for _, o in based)
-    if not shared or config["BLOCK_V"] < align or not all(v.data_ptr() % 16 == 0 for v in views):
+                 and _boundary_offset(r) == offset for r in rows)
+    if not shared or config["BLOCK_V"] < align:
         return 1, rows, 0
-    if offset == 0 and all(_rows_aligned(v) for v in views):
-        return 1, views, 0
-    return align, views, offset
+    if offset == 0:
+        if not all(r.data_ptr() % 16 == 0 for r in rows) or all(_rows_aligned(r) for r in rows):
+            return 1, rows, 0
+        return align, rows, 0
+    return align, tuple(r.as_strided(r.shape, r.stride(), r.storage_offset() - offset) for r in rows), offset
 
 
 def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
