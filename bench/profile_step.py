@@ -25,6 +25,7 @@ LOSS_CASES = [
     (8192, 128256, dict(ratio=0.25, scoring="entropy")),
     (8192, 128256, dict(ratio=1.0, scoring="combined")),
     (8192, 32000, dict(ratio=0.25, scoring="combined")),
+    (8192, 32000, dict(ratio=1.0, scoring="combined")),
     (4096, 128256, dict(ratio=0.25, scoring="combined")),
 ]
 LINEAR_CASES = [
