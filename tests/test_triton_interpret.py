@@ -1,4 +1,5 @@
 """The Triton kernels (under TRITON_INTERPRET=1 on CPU) against the reference backend."""
+import math
 import os
 from unittest import mock
 
@@ -143,10 +144,7 @@ def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstrea
 def _unreachable_boundary(shape, dtype):
     """A tensor of ``shape`` one element past a 16-byte boundary that lies before its storage
     (a buffer's memory, as from a foreign library): it can only be read as it is."""
-    size = torch.empty((), dtype=dtype).element_size()
-    n = 1
-    for extent in shape:
-        n *= extent
+    size, n = torch.empty((), dtype=dtype).element_size(), math.prod(shape)
     raw = bytearray(n * size + 32)
     address = torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
     start = (size - address) % 16
