@@ -26,6 +26,15 @@ def _compare(logits, targets, ratio, tol, **kw):
     assert_backends_agree(results["triton"], results["torch"], tol, grad_tol)
 
 
+# Row layouts of the [B, T, V] logits the loss sees: (base shape from (b, t), view of the base).
+_LAYOUTS = {
+    "contiguous": (lambda b, t: (b, t), None),
+    "padded": (lambda b, t: (b, t), "pad"),  # rows of a wider buffer: x[..., :V]
+    "later_steps": (lambda b, t: (b, t + 1), lambda x: x[:, 1:]),  # a prompt step sliced off
+    "time_major": (lambda b, t: (t, b), lambda x: x.transpose(0, 1)),  # B stride V, T stride B*V
+}
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     b=st.integers(1, 3), t=st.integers(1, 9), vocab=st.integers(2, 300),
@@ -33,11 +42,18 @@ def _compare(logits, targets, ratio, tol, **kw):
     ratio=st.floats(0.05, 1.0), scoring=st.sampled_from(SCORINGS), selection=st.sampled_from(SELECTIONS),
     reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.1]),
     z_loss=st.sampled_from([0.0, 1e-3]), ignore_frac=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 999),
+    layout=st.sampled_from(sorted(_LAYOUTS)), pad=st.integers(1, 9),
 )
 def test_triton_matches_reference(b, t, vocab, dtype, ratio, scoring, selection, reduction, smoothing, z_loss,
-                                  ignore_frac, seed):
-    logits, targets = make_batch((b, t), vocab, dtype, ignore_frac=ignore_frac, seed=seed)
-    _compare(logits, targets, ratio, 1e-4, scoring=scoring, selection=selection, reduction=reduction,
+                                  ignore_frac, seed, layout, pad):
+    base_shape, view = _LAYOUTS[layout]
+    width = vocab + pad if view == "pad" else vocab
+    if view == "pad":
+        def view(x):
+            return x[..., :vocab]
+    base, _ = make_batch(base_shape(b, t), width, dtype, seed=seed)
+    _, targets = make_batch((b, t), vocab, ignore_frac=ignore_frac, seed=seed + 1)
+    _compare(base, targets, ratio, 1e-4, view=view, scoring=scoring, selection=selection, reduction=reduction,
              label_smoothing=smoothing, z_loss=z_loss)
 
 
@@ -57,12 +73,12 @@ def test_special_values():
     _compare(logits, targets, 0.5, 1e-4, selection="topk")
 
 
-@pytest.mark.parametrize("view", ["later_steps", "earlier_steps", "padded_rows"])
+@pytest.mark.parametrize("view", ["later_steps", "earlier_steps", "padded_rows", "time_major"])
 def test_strided_rows_and_int32_targets(view):
     """Views not viewable as 2-D: [2, 8, 33] of [2, 9, 33] (T stride 33, B stride 297), from the
     second step (pointer one element past a 16-byte boundary: passed from that boundary) or the
-    first, and [2, 9, 32] of padded rows: rows read shifted to 16-byte boundaries, into a
-    gradient buffer strided (and offset) alike."""
+    first, [2, 9, 32] of padded rows, and [9, 2, 33] transposed (B stride 33, T stride 66): rows
+    read shifted to 16-byte boundaries, into a gradient buffer strided (and offset) alike."""
     from cggr.ops import triton_backend
 
     big, targets = make_batch((2, 9), 33, torch.float32, ignore_frac=0.2, seed=3)
@@ -70,6 +86,11 @@ def test_strided_rows_and_int32_targets(view):
         def take(x):
             return x[..., :32]
         targets = torch.where(targets >= 0, targets % 32, targets)
+    elif view == "time_major":
+        big = big.transpose(0, 1).contiguous()
+
+        def take(x):
+            return x.transpose(0, 1)
     else:
         steps = slice(1, None) if view == "later_steps" else slice(None, -1)
 

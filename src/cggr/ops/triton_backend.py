@@ -193,19 +193,20 @@ def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
 
 def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """An empty gradient for ``logits`` [B, T, V]: with the logits' strides where its rows do not
-    overlap and its span exceeds B*T*V by at most 1/16 (a view of a shifted sequence, padded
-    rows), so that rows read shifted to 16-byte boundaries are written shifted alike; else
-    contiguous. Its rows start ``offset`` elements into its storage (that of a view of the
-    logits, see :func:`_boundary_offset`), for the same reason."""
+    overlap (in either order of B and T) and its span exceeds B*T*V by at most 1/16 (a view of
+    a shifted sequence, padded rows, time-major rows), so that rows read shifted to 16-byte
+    boundaries are written shifted alike, its rows then starting ``offset`` elements into its
+    storage (that of a view of the logits, see :func:`_boundary_offset`); else contiguous."""
     (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()  # unit stride along V
+    (n_inner, s_inner), (n_outer, s_outer) = sorted(((b, stride_b), (t, stride_t)), key=lambda dim: dim[1])
+    apart = (n_inner == 1 or s_inner >= v) and (n_outer == 1 or s_outer >= (n_inner - 1) * s_inner + v)
     span = (b - 1) * stride_b + (t - 1) * stride_t + v
-    apart = (t == 1 or stride_t >= v) and (b == 1 or stride_b >= (t - 1) * stride_t + v)
-    strides = logits.stride() if apart and span * 16 <= b * t * v * 17 else (t * v, v, 1)
-    if offset == 0 or logits.numel() == 0:
-        return torch.empty_strided(logits.shape, strides, dtype=logits.dtype, device=logits.device)
-    storage = torch.empty(offset + (b - 1) * strides[0] + (t - 1) * strides[1] + v, dtype=logits.dtype,
-                          device=logits.device)
-    return storage.as_strided(logits.shape, strides, offset)
+    if logits.numel() == 0 or not apart or span * 16 > b * t * v * 17:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if offset == 0:
+        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    storage = torch.empty(offset + span, dtype=logits.dtype, device=logits.device)
+    return storage.as_strided(logits.shape, logits.stride(), offset)
 
 
 def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None,
