@@ -289,15 +289,16 @@ def test_linear_path_compiles_and_makes_no_host_sync():
 def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer(ratio, chunk_size):
     """With weight.grad already there, the in-place mode adds into it: the same gradient, and
     the step's peak extra memory stays below one weight's size (the default mode needs one more).
-    At ratio 1 with 64-row chunks the forward holds the gradient of a quarter of the weight."""
+    At ratio 1 with 64-row chunks the forward holds the gradient of a quarter of the weight.
+    With weight.grad None it runs as the default mode, in the same memory."""
     torch.manual_seed(5)
     hidden = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(32768, 512, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_(True)
     targets = torch.randint(0, 32768, (2048,), device="cuda")
     weight_bytes = weight.numel() * weight.element_size()
     grads, peaks = [], []
-    for in_place in (False, True):
-        weight.grad = torch.ones_like(weight)
+    for in_place, kept in ((False, True), (True, True), (False, False), (True, False)):
+        weight.grad = torch.ones_like(weight) if kept else None
         hidden.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -307,6 +308,8 @@ def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer(ratio, chunk_
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - before)
         grads.append((weight.grad.clone(), hidden.grad.clone()))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads[:2]):
         assert _close(a, b, 1e-2)
-    assert peaks[0] > weight_bytes > peaks[1], (peaks, weight_bytes)
+    for a, b in zip(*grads[2:]):
+        assert _close(a, b, 1e-2)
+    assert peaks[0] > weight_bytes > peaks[1] and peaks[2] == peaks[3], (peaks, weight_bytes)

@@ -123,8 +123,9 @@ def test_empty_batch_gives_zero_loss_and_gradients(backend, ratio):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ratio,held_chunks", [(0.4, None), (1.0, None), (1.0, 0.3)])
 def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ratio, held_chunks):
-    """The in-place mode leaves in weight.grad what autograd would: created when None, added to
-    when it exists, scaled by the upstream gradient; hooks on the weight still run. At ratio 1
+    """The in-place mode leaves in weight.grad what autograd would, scaled by the upstream
+    gradient: returned as usual while weight.grad is None (nothing to add into), added into it
+    once it exists; hooks on the weight run either way. At ratio 1
     the forward holds the gradient of the last weight rows (all of them at this size, or 5 of
     37 with ``held_chunks``) and the backward recomputes the logits of the other columns."""
     if held_chunks is not None:
@@ -137,13 +138,14 @@ def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ra
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(True)
         b = bias.clone().requires_grad_(True)
-        w.register_hook(lambda grad: hooks.append(grad.shape))
+        w.register_hook(lambda grad: hooks.append((grad.shape, grad.layout)))
         for upstream in (1.0, 2.5):  # the second step adds to the existing weight.grad
             loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=5, backend=backend,
                                              label_smoothing=0.1, z_loss=1e-3, weight_grad_in_place=in_place)
             (upstream * loss).backward()
         results[in_place] = (w.grad, h.grad, b.grad)
-    assert hooks == [weight.shape] * 4
+    dense, in_place = (weight.shape, torch.strided), (weight.shape, torch.sparse_coo)
+    assert hooks == [dense, dense, dense, in_place]
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b)
 

@@ -96,12 +96,14 @@ def cggr_linear_cross_entropy(
         chunk_size: rows of logits computed at once (bounds peak memory); default about
             2**27 / V rows, in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
-        weight_grad_in_place: add the weight gradient straight into ``weight.grad`` (made as zeros
-            if it is None) instead of handing autograd a new ``[V, H]`` tensor; autograd gets an
-            empty sparse gradient, so the weight's hooks (and DDP's) still run. Saves one
-            weight-sized buffer whenever ``weight.grad`` already exists (gradient accumulation,
-            ``zero_grad(set_to_none=False)``). Eager mode only; ``weight`` must be a leaf; not
-            with ``fp32_grad_accumulation``. At ratio 1 the forward, which may not write
+        weight_grad_in_place: if ``weight.grad`` exists when the loss is called, add the weight
+            gradient straight into it instead of handing autograd a new ``[V, H]`` tensor;
+            autograd gets an empty sparse gradient, so the weight's hooks (and DDP's) still run.
+            Saves one weight-sized buffer in gradient accumulation or with
+            ``zero_grad(set_to_none=False)``. If ``weight.grad`` is None there is nothing to add
+            into: the gradient is returned as by default, and autograd makes it the new
+            ``weight.grad``. Eager mode only; ``weight`` must be a leaf; not with
+            ``fp32_grad_accumulation``. At ratio 1 the forward, which may not write
             ``weight.grad``, holds the gradient of the last weight rows (about two chunks of
             logits' worth) until the backward, which recomputes the logits of the other
             columns: slower than the default there, in less memory.
@@ -135,7 +137,7 @@ def cggr_linear_cross_entropy(
 
 def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight_grad_in_place: bool) -> str:
     """How the linear path forms the weight gradient: ``'native'`` (weight dtype), ``'fp32'``
-    or ``'in_place'`` (added into ``weight.grad``)."""
+    or ``'in_place'`` (added into ``weight.grad``, which must exist now)."""
     if not weight_grad_in_place:
         return "fp32" if fp32_grad_accumulation else "native"
     if fp32_grad_accumulation:
@@ -147,7 +149,9 @@ def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight
     if weight.requires_grad and not weight.is_leaf:
         raise ValueError("weight_grad_in_place needs weight to be a leaf tensor (a parameter): "
                          "a non-leaf weight has no .grad to add into")
-    return "in_place"
+    # With no weight.grad yet, returning the gradient is the in-place result at no extra cost:
+    # autograd adopts it as weight.grad instead of adding it to a zero fill.
+    return "native" if weight.grad is None else "in_place"
 
 
 def _options(backend: str, **options) -> LossOptions:
