@@ -144,8 +144,8 @@ def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ra
                                              label_smoothing=0.1, z_loss=1e-3, weight_grad_in_place=in_place)
             (upstream * loss).backward()
         results[in_place] = (w.grad, h.grad, b.grad)
-    dense, in_place = (weight.shape, torch.strided), (weight.shape, torch.sparse_coo)
-    assert hooks == [dense, dense, dense, in_place]
+    returned, added = (weight.shape, torch.strided), (weight.shape, torch.sparse_coo)
+    assert hooks == [returned, returned, returned, added]
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b)
 
