@@ -26,10 +26,14 @@ from _results import copy_bandwidth_gbs  # noqa: E402
 
 
 @triton.jit
-def lse_then_grad_kernel(x_ptr, targets_ptr, lse_ptr, n_rows, vocab_size, BLOCK: tl.constexpr):
+def lse_then_grad_kernel(x_ptr, grad_ptr, targets_ptr, lse_ptr, n_rows, vocab_size, scale, BLOCK: tl.constexpr):
+    """Each row (a grid-stride loop, so any grid: one program a row, or a few an SM): its
+    log-sum-exp from one read, then ``scale * (softmax - onehot)`` from a second read into
+    ``grad_ptr`` (``x_ptr`` itself for in place), and the log-sum-exp into ``lse_ptr``."""
     cols = tl.arange(0, BLOCK)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         ptr = x_ptr + row.to(tl.int64) * vocab_size
+        grad_row = grad_ptr + row.to(tl.int64) * vocab_size
         m = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), 0)
         s = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, vocab_size, BLOCK):
@@ -42,8 +46,8 @@ def lse_then_grad_kernel(x_ptr, targets_ptr, lse_ptr, n_rows, vocab_size, BLOCK:
         for start in range(0, vocab_size, BLOCK):
             offs = start + cols
             x = tl.load(ptr + offs, mask=offs < vocab_size, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
-            tl.store(ptr + offs, g.to(x_ptr.dtype.element_ty), mask=offs < vocab_size)
+            g = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
+            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < vocab_size)
         tl.store(lse_ptr + row, lse)
 
 
@@ -74,7 +78,7 @@ def main():
         grid = n if per_sm is None else min(n, per_sm * sms)
         for warps in (4, 8, 16):
             for block in (2048, 4096, 8192):
-                fused = lambda: lse_then_grad_kernel[(grid,)](x, t, lse, n, v, BLOCK=block, num_warps=warps)
+                fused = lambda: lse_then_grad_kernel[(grid,)](x, x, t, lse, n, v, 1.0, BLOCK=block, num_warps=warps)
                 ms = do_bench(fused, return_mode="median")
                 label = "one a row" if per_sm is None else f"{per_sm}/SM"
                 print(f"{label:>9} {warps:>6} {block:>6} {ms:8.3f} {100 * moved / ms / 1e6 / bandwidth:18.0f}")

@@ -7,41 +7,19 @@ the gradient once: (2 + 1)·N·V·2 bytes. A kernel that reads a row twice in on
 second time right after the first, may find part of the row still in L2. This minimal kernel
 (log-sum-exp, then the plain cross-entropy gradient; none of cggr's statistics) times that
 pattern for several block sizes and warp counts, against the floor and Liger's cross entropy
-when it is installed. A measurement for bench/NOTES.md, not library code.
+when it is installed. A measurement for bench/NOTES.md, not library code. The kernel is
+probe_fused_grad.py's with one program a row (steps 4 and 13 of the notes measured a variant
+that kept a running maximum per lane).
 """
 import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import copy_bandwidth_gbs  # noqa: E402
-
-
-@triton.jit
-def lse_then_grad_kernel(x_ptr, grad_ptr, targets_ptr, stride, vocab_size, scale, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row, grad_row = x_ptr + row * stride, grad_ptr + row * stride
-    cols = tl.arange(0, BLOCK)
-    running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, vocab_size, BLOCK):
-        x = tl.load(x_row + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, x)
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - safe) + tl.exp(x - safe)
-        running_max = new_max
-    row_max = tl.max(running_max, 0)
-    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), 0))
-    target = tl.load(targets_ptr + row)
-    for start in range(0, vocab_size, BLOCK):
-        offs = start + cols
-        x = tl.load(x_row + offs, mask=offs < vocab_size, other=0.0).to(tl.float32)
-        grad = (tl.exp(x - lse) - (offs == target).to(tl.float32)) * scale
-        tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < vocab_size)
+from probe_fused_grad import lse_then_grad_kernel  # noqa: E402
 
 
 def main():
@@ -50,6 +28,7 @@ def main():
     logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, v, (n,), device="cuda")
     grad = torch.empty_like(logits)
+    lse = torch.empty(n, device="cuda")
     bandwidth = copy_bandwidth_gbs()
     floor_ms = 3 * logits.numel() * 2 / bandwidth / 1e6
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, N={n} V={v}, three-pass floor {floor_ms:.3f} ms")
@@ -58,11 +37,11 @@ def main():
             source = logits if label == "new buffer" else out
 
             def step():
-                lse_then_grad_kernel[(n,)](source, out, targets, v, v, 1.0 / n, BLOCK=block, num_warps=warps)
+                lse_then_grad_kernel[(n,)](source, out, targets, lse, n, v, 1.0 / n, BLOCK=block, num_warps=warps)
             ms = do_bench(step, return_mode="median")
             print(f"  BLOCK {block:>6} warps {warps:>2} {label:<10} {ms:7.3f} ms  {100 * floor_ms / ms:5.1f}% of floor")
     check = torch.empty_like(logits)
-    lse_then_grad_kernel[(n,)](logits, check, targets, v, v, 1.0 / n, BLOCK=8192, num_warps=16)
+    lse_then_grad_kernel[(n,)](logits, check, targets, lse, n, v, 1.0 / n, BLOCK=8192, num_warps=16)
     want = torch.softmax(logits[:64].float(), 1) - torch.nn.functional.one_hot(targets[:64], v)
     print("  largest gradient error (64 rows, times N):", (check[:64].float() * n - want).abs().max().item())
     try:

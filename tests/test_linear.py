@@ -121,16 +121,18 @@ def test_empty_batch_gives_zero_loss_and_gradients(backend, ratio):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ratio,held_chunks", [(0.4, None), (1.0, None), (1.0, 0.3)])
-def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ratio, held_chunks):
+@pytest.mark.parametrize("ratio,held_chunks,recomputed", [(0.4, None, 0), (1.0, None, 0), (1.0, 0.3, 32),
+                                                         (1.0, 0.0, 37)])
+def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ratio, held_chunks, recomputed):
     """The in-place mode leaves in weight.grad what autograd would, scaled by the upstream
     gradient: returned as usual while weight.grad is None (nothing to add into), added into it
     once it exists; hooks on the weight run either way. At ratio 1
-    the forward holds the gradient of the last weight rows (all of them at this size, or 5 of
-    37 with ``held_chunks``) and the backward recomputes the logits of the other columns."""
+    the forward holds the gradient of the last weight rows (all of them at this size, 5 of 37
+    with ``held_chunks`` 0.3, none with 0) and the backward recomputes the logits of the other
+    columns."""
     if held_chunks is not None:
         monkeypatch.setattr(autograd, "_HELD_CHUNKS", held_chunks)
-        assert autograd._recomputed_columns(37, 6, 5, "in_place") == 32
+    assert autograd._recomputed_columns(37, 6, 5, "in_place") == recomputed
     hidden, weight, bias, targets = _problem(seed=4)
     hooks = []
     results = {}

@@ -160,6 +160,11 @@ def test_ratio_one_is_cross_entropy_under_any_upstream_gradient(backend, upstrea
     torch.testing.assert_close(x.grad, 2 * y.grad)
 
 
+def _fixed_block(size):
+    """A stand-in for ``triton_backend.launch_config`` that gives every kernel blocks of ``size``."""
+    return lambda length, kind, block_name="BLOCK_V": {block_name: size}
+
+
 def _unreachable_boundary(shape, dtype):
     """A tensor of ``shape`` one element past a 16-byte boundary that lies before its storage
     (a buffer's memory, as from a foreign library): it can only be read as it is."""
@@ -186,7 +191,7 @@ def test_many_small_blocks(monkeypatch, scoring, dtype, layout):
     from cggr.ops import triton_backend
 
     config = {"BLOCK_V": 16}
-    monkeypatch.setattr(triton_backend, "launch_config", lambda length, kind, block_name="BLOCK_V": {block_name: 16})
+    monkeypatch.setattr(triton_backend, "launch_config", _fixed_block(16))
     vocab = 208 if layout == "aligned" else 101
     g = torch.Generator().manual_seed(8)
     big = torch.randint(-3, 4, (2, 12, vocab + 1), generator=g).to(dtype)  # small integers: many ties
@@ -221,7 +226,7 @@ def test_gradient_in_place_stays_inside_its_rows(monkeypatch, dtype, pad):
     gradient in place: it matches the reference's, and the padding between rows is never written."""
     from cggr.ops import reference, triton_backend
 
-    monkeypatch.setattr(triton_backend, "launch_config", lambda length, kind, block_name="BLOCK_V": {block_name: 16})
+    monkeypatch.setattr(triton_backend, "launch_config", _fixed_block(16))
     vocab = 101
     logits, targets = make_batch((2, 12), vocab, dtype, seed=13)
     buffer = torch.full((2, 12, vocab + pad), 7.0, dtype=dtype)
@@ -260,7 +265,7 @@ def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_
     columns[~valid] = 0.0
     stats = RowStats.from_columns(columns)
     spec = torch.tensor(ratio, dtype=torch.float64) if device_ratio else ratio
-    config = triton_backend.launch_config if chunk is None else (lambda length, kind, block_name: {block_name: chunk})
+    config = triton_backend.launch_config if chunk is None else _fixed_block(chunk)
     with mock.patch.object(triton_backend, "launch_config", config):
         got = triton_backend.select_topk(stats, valid, spec, reduction)
     want = _select_and_reduce_rows(stats, valid, spec, LossOptions(reduction=reduction), None)

@@ -169,16 +169,13 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool):
         valid = targets != opts.ignore_index
-        vocab_size = weight.shape[0]
         grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
-        recompute_cols = 0  # read only when the gradients are formed here
         if grads_now:
             need_weight = ctx.needs_input_grad[1]
-            if need_weight:
-                recompute_cols = _recomputed_columns(vocab_size, hidden.shape[1], chunk_rows, weight_grad)
-            grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
-                               need_weight and recompute_cols < vocab_size, weight_grad, every_row=True,
-                               vocab_start=recompute_cols, defer=True)
+            recompute_cols = _recomputed_columns(*weight.shape, chunk_rows, weight_grad)
+            # With every column recomputed the forward holds an empty [0, H] weight gradient.
+            grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0], need_weight,
+                               weight_grad, every_row=True, vocab_start=recompute_cols, defer=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
@@ -202,7 +199,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
-        ctx.has_bias, ctx.recompute_cols = bias is not None, recompute_cols
+        ctx.has_bias = bias is not None
         ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, reduced)
@@ -216,9 +213,11 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             return (*grads.result(weight.dtype, bias_dtype), *([None] * 9))
         grads, ctx.grads = ctx.grads, None
         formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
+        recompute_cols = grads.vocab_start if grads.need_weight else 0
         del grads  # frees a held weight-gradient buffer before the recomputation
-        if ctx.recompute_cols > 0:
-            _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
+        if recompute_cols > 0:
+            _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
+                                      recompute_cols)
         return (*formed, *([None] * 9))
 
 
@@ -243,13 +242,12 @@ def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrad
     return grads
 
 
-def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef) -> None:
+def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef, n_cols: int) -> None:
     """Ratio 1 in place: adds into weight.grad the gradient of the weight rows the forward did not
-    hold (the first ``ctx.recompute_cols``), from logits recomputed for every row over slices of
+    hold (the first ``n_cols``), from logits recomputed for every row over slices of
     those columns. A slice holds as many logits as the forward did at its peak (a chunk and the
     held rows), and each matmul spans all N rows."""
     opts, (n_rows, hidden_dim), vocab_size = ctx.opts, hidden.shape, weight.shape[0]
-    n_cols = ctx.recompute_cols
     budget = ctx.chunk_rows * vocab_size + (vocab_size - n_cols) * hidden_dim
     n_slices = max(1, -(-n_cols * n_rows // budget))
     width = -(-n_cols // n_slices)

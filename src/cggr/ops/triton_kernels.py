@@ -319,7 +319,10 @@ def select_topk_kernel(
     walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
     kept in registers."""
     cols = tl.arange(0, CHUNK)
-    first_key, first_valid = _topk_key(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
+    if ONE_STEP:
+        first_key, first_valid = _topk_key(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
+    else:  # never read: every step loads its own keys
+        first_key, first_valid = cols, cols < 0
     n_valid = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
