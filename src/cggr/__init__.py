@@ -7,7 +7,9 @@ from . import functional
 from .functional import cggr_cross_entropy, cggr_linear_cross_entropy
 from .info import CGGRInfo
 from .loss import CGGRLoss
+from .schedule import Curriculum
 
 __version__ = "0.1.0"
 
-__all__ = ["CGGRInfo", "CGGRLoss", "cggr_cross_entropy", "cggr_linear_cross_entropy", "functional", "__version__"]
+__all__ = ["CGGRInfo", "CGGRLoss", "Curriculum", "cggr_cross_entropy", "cggr_linear_cross_entropy", "functional",
+           "__version__"]

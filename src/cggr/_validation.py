@@ -1,6 +1,7 @@
-"""Bad input gets a clear error naming the argument, before any work (SPEC.md §8)."""
+"""Bad input gets a clear error naming the argument, before any work (docs/semantics.md, "Errors")."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -31,9 +32,16 @@ def check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_op
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_finite_float(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            positive and not value > 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite float, got {value!r}")
+    return float(value)
+
+
 def make_options(
     *, scoring, selection, ignore_index, reduction, label_smoothing, z_loss, num_strata,
-    min_tokens_per_sequence, generator, inplace_backward,
+    min_tokens_per_sequence, generator, inplace_backward, logit_scale=1.0, logit_softcap=None,
 ) -> LossOptions:
     check_choice("scoring", scoring, SCORINGS)
     check_choice("selection", selection, SELECTIONS)
@@ -45,12 +53,55 @@ def make_options(
     check_number("min_tokens_per_sequence", min_tokens_per_sequence, 0, float("inf"), integer=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    logit_scale = check_finite_float("logit_scale", logit_scale)
+    if logit_softcap is not None:
+        logit_softcap = check_finite_float("logit_softcap", logit_softcap, positive=True)
     return LossOptions(
         scoring=scoring, selection=selection, ignore_index=int(ignore_index), reduction=reduction,
         label_smoothing=float(label_smoothing), z_loss=float(z_loss), num_strata=int(num_strata),
         min_tokens_per_sequence=int(min_tokens_per_sequence), generator=generator,
-        inplace_backward=bool(inplace_backward),
+        inplace_backward=bool(inplace_backward), logit_scale=logit_scale, logit_softcap=logit_softcap,
     )
+
+
+def check_reference_loss(reference_loss, scoring: str, targets: torch.Tensor) -> None:
+    """``reference_loss`` is needed by, and only allowed with, ``scoring='excess'``: a floating
+    tensor of the targets' shape on their device."""
+    if scoring != "excess":
+        if reference_loss is not None:
+            raise ValueError(f"reference_loss is only used by scoring='excess', got scoring={scoring!r}")
+        return
+    if reference_loss is None:
+        raise ValueError("scoring='excess' needs reference_loss: each token's loss under a reference model, "
+                         "a float tensor shaped like targets")
+    if not isinstance(reference_loss, torch.Tensor) or not reference_loss.is_floating_point():
+        got = reference_loss.dtype if isinstance(reference_loss, torch.Tensor) else type(reference_loss).__name__
+        raise ValueError(f"reference_loss must be a floating tensor shaped like targets, got {got}")
+    if tuple(reference_loss.shape) != tuple(targets.shape):
+        raise ValueError(f"reference_loss must have the targets' shape {tuple(targets.shape)}, "
+                         f"got {tuple(reference_loss.shape)}")
+    if reference_loss.device != targets.device:
+        raise ValueError(f"reference_loss is on {reference_loss.device} but targets are on {targets.device}")
+
+
+def rows_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (a stride-0 expansion, say): False
+    when, taking the dimensions by increasing stride, each stride exceeds the span of those
+    before it."""
+    span = 0
+    dims = sorted(((abs(st), s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1))
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_inplace_backward(inplace_backward: bool, logits: torch.Tensor) -> None:
+    if inplace_backward and logits.numel() and rows_overlap(logits):
+        raise ValueError("inplace_backward=True writes the gradient into the logits, whose elements share memory "
+                         f"here (shape {tuple(logits.shape)}, strides {logits.stride()}: an expanded tensor?); "
+                         "pass contiguous logits or inplace_backward=False")
 
 
 def check_ratio(ratio, device: torch.device):
@@ -97,8 +148,12 @@ def check_vocab(vocab_size: int, name: str) -> None:
 
 
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """The one check that syncs with the device."""
+    """The one check that syncs with the device. Under torch.compile it is an asynchronous
+    assertion instead (a host read would break the graph), raised when the graph runs."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
         raise ValueError(f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {first}")
@@ -111,7 +166,7 @@ def check_sequence_shape(selection: str, targets: torch.Tensor) -> Optional[tupl
     if targets.dim() < 2:
         raise ValueError("selection='sequence_aware' needs targets with a batch dimension ([B, T]), "
                          f"got shape {tuple(targets.shape)}")
-    return (targets.numel() // targets.shape[-1], targets.shape[-1])
+    return (math.prod(targets.shape[:-1]), targets.shape[-1])
 
 
 def check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:

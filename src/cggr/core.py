@@ -19,10 +19,10 @@ RatioSpec = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The validated keyword options of SPEC.md §1 that shape the computation."""
+    """The validated keyword options that shape the computation (see ``cggr_cross_entropy``)."""
 
-    scoring: str = "combined"
-    selection: str = "topk"
+    scoring: str = "gradnorm"
+    selection: str = "importance"
     ignore_index: int = -100
     reduction: str = "mean"
     label_smoothing: float = 0.0
@@ -31,17 +31,38 @@ class LossOptions:
     min_tokens_per_sequence: int = 1
     generator: Optional[torch.Generator] = None
     inplace_backward: bool = False
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
 
 
 class Reduced(NamedTuple):
     loss: torch.Tensor  # 0-d, or [N] for reduction='none'
     coef: torch.Tensor  # [N]: d loss / d row loss, 0 on unselected rows
     mask: torch.Tensor  # [N] bool: the selected rows
-    info: Optional[CGGRInfo]  # flat [N] per-row fields; None unless asked for
+    weight: torch.Tensor  # [N]: the rows' weights, 0 on unselected rows
+    n_valid: torch.Tensor  # int64 0-d
+    n_selected: torch.Tensor  # int64 0-d
+    ratio: Union[float, torch.Tensor]  # the ratio applied
+
+
+def build_info(stats: RowStats, reduced: Reduced) -> CGGRInfo:
+    """The flat ``[N]`` info of one forward (a few small launches: computed only when asked for)."""
+    return CGGRInfo(
+        mask=reduced.mask,
+        weight=reduced.weight,
+        difficulty=stats.score,  # the statistics are already 0 on invalid rows
+        confidence=stats.max_prob,
+        entropy=stats.entropy,
+        nll=nll(stats),
+        ratio=ratio_tensor(reduced.ratio, stats.score.device),
+        n_selected=reduced.n_selected,
+        n_valid=reduced.n_valid,
+        full_loss=stats.loss.sum() / reduced.n_valid.clamp(min=1),
+    )
 
 
 def mean_denominator(opts: LossOptions, n_valid: torch.Tensor, n_selected: torch.Tensor) -> Optional[torch.Tensor]:
-    """What ``reduction='mean'`` divides by (SPEC.md §5): the selected count, or n_valid for
+    """What ``reduction='mean'`` divides by: the selected count, or n_valid for
     ``importance``; at least 1, so an empty selection gives 0. None for 'sum' and 'none'."""
     if opts.reduction != "mean":
         return None
@@ -77,45 +98,27 @@ def select_and_reduce(
     ratio: RatioSpec,
     opts: LossOptions,
     seq_shape: Optional[tuple] = None,
-    with_info: bool = True,
-    fused_topk: Optional[Callable] = None,
+    fused_select: Optional[Callable] = None,
 ) -> Reduced:
     """Select over ``stats.score`` and reduce ``stats.loss``. All inputs and outputs are device
-    tensors; no host sync. Every op here is a kernel launch, which is what a small batch pays
-    for, so the info fields are only computed ``with_info``.
+    tensors; no host sync.
 
     ``ratio`` may be a callable taking the mean confidence (0-d) and returning the ratio:
     that is how the dynamic threshold sees this batch before selecting from it.
-    ``fused_topk`` (a backend's ``select_topk``) does the ``topk`` selection and reduction in
-    one launch where it can, returning None where it cannot.
+    ``fused_select`` (a backend's ``select``) does the selection and reduction in one launch
+    where it can, returning None where it cannot; else every op here is a kernel launch.
     """
     if callable(ratio):
         ratio = ratio(mean_confidence(stats, valid))
-    fused = fused_topk(stats, valid, ratio, opts.reduction) if fused_topk and opts.selection == "topk" else None
-    if fused is not None:
-        mask, weight, coef, loss, n_valid, n_selected = fused
-    else:
-        mask, weight, coef, loss, n_valid, n_selected = _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape)
-    info = None
-    if with_info:
-        # The statistics are already 0 on invalid rows.
-        info = CGGRInfo(
-            mask=mask,
-            weight=weight,
-            difficulty=stats.score,
-            confidence=stats.max_prob,
-            entropy=stats.entropy,
-            nll=nll(stats),
-            ratio=ratio_tensor(ratio, stats.score.device),
-            n_selected=n_selected,
-            n_valid=n_valid,
-            full_loss=stats.loss.sum() / n_valid.clamp(min=1),
-        )
-    return Reduced(loss, coef, mask, info)
+    fused = fused_select(stats, valid, ratio, opts) if fused_select is not None else None
+    if fused is None:
+        fused = _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape)
+    mask, weight, coef, loss, n_valid, n_selected = fused
+    return Reduced(loss, coef, mask, weight, n_valid, n_selected, ratio)
 
 
 def _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape):
-    """(mask, weight, coef, loss, n_valid, n_selected) in PyTorch ops (SPEC.md §4, §5)."""
+    """(mask, weight, coef, loss, n_valid, n_selected) in PyTorch ops."""
     n_valid = valid.sum()
     mask, weight = select_rows(
         stats.score,

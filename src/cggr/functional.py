@@ -11,10 +11,12 @@ from .core import LossOptions, RatioSpec
 from .info import CGGRInfo
 from .ops import get_backend
 from .ops.autograd import cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
+from .schedule import Curriculum
 
 __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy"]
 
 LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
+Ratio = Union[float, torch.Tensor, Curriculum]
 
 # Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once, in a
 # whole number of the matmuls' 128-row tiles. Smaller chunks cost time: each adds a read and a
@@ -26,10 +28,13 @@ _LINEAR_CHUNK_ELEMENTS = 1 << 27
 def cggr_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    ratio: Union[float, torch.Tensor] = 1.0,
+    ratio: Ratio = 1.0,
     *,
-    scoring: str = "combined",
-    selection: str = "topk",
+    scoring: str = "gradnorm",
+    selection: str = "importance",
+    reference_loss: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -42,12 +47,20 @@ def cggr_cross_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> LossOrLossAndInfo:
-    """Cross-entropy over the hardest ``ratio`` of the valid tokens (SPEC.md).
+    """Cross-entropy over a ``ratio`` of the valid tokens, chosen by difficulty
+    (docs/semantics.md gives every rule).
 
     Args:
         logits: ``[..., V]`` float32/float16/bfloat16/float64 (2-D ``[N, V]`` or 3-D ``[B, T, V]``).
         targets: the leading shape of ``logits``, int64 or int32; ``ignore_index`` marks invalid rows.
-        ratio: fraction of valid rows that carry loss, a float in (0, 1] or a 0-d tensor.
+        ratio: fraction of valid rows that carry loss: a float in (0, 1], a 0-d tensor, or a
+            :class:`cggr.Curriculum` (its current ratio).
+        scoring: ``'gradnorm'`` (default), ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'``
+            or ``'excess'`` (needs ``reference_loss``, each token's loss under a reference model,
+            float in ``targets``' shape).
+        selection: ``'importance'`` (default: unbiased sampling, weights 1/pi), ``'topk'``,
+            ``'random'``, ``'stratified'`` or ``'sequence_aware'``.
+        logit_scale, logit_softcap: the formulas see ``c * tanh(scale * x / c)`` (no cap if None).
 
     Returns:
         The loss (0-d, or ``targets``-shaped for ``reduction='none'``) in the logits' dtype for
@@ -57,21 +70,24 @@ def cggr_cross_entropy(
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
                     min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
-                    inplace_backward=inplace_backward)
+                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap)
     check.check_logits_targets(logits, targets)
-    ratio = check.check_ratio(ratio, logits.device)
-    return run_cross_entropy(logits, targets, ratio, opts, backend, check_targets, return_info)
+    ratio = resolve_ratio(ratio, logits.device)
+    return run_cross_entropy(logits, targets, ratio, opts, backend, check_targets, return_info, reference_loss)
 
 
 def cggr_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    ratio: Union[float, torch.Tensor] = 1.0,
+    ratio: Ratio = 1.0,
     bias: Optional[torch.Tensor] = None,
     *,
-    scoring: str = "combined",
-    selection: str = "topk",
+    scoring: str = "gradnorm",
+    selection: str = "importance",
+    reference_loss: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -92,7 +108,9 @@ def cggr_linear_cross_entropy(
 
     Args:
         hidden: ``[..., H]`` float; ``weight``: ``[V, H]`` (an ``nn.Linear`` or tied embedding
-            weight) of the same dtype; ``bias``: ``[V]`` or None.
+            weight) of the same dtype; ``bias``: ``[V]`` or None. Under ``torch.autocast`` all
+            three are cast to the autocast dtype first, as ``F.linear`` does, and the gradients
+            come back in each input's own dtype.
         chunk_size: rows of logits computed at once (bounds peak memory); default about
             2**27 / V rows, in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
@@ -115,8 +133,9 @@ def cggr_linear_cross_entropy(
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
                     min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
-                    inplace_backward=inplace_backward)
+                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap)
     check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be [V, H] with H={hidden.shape[-1]} (hidden's last dim), got {got}")
@@ -130,9 +149,30 @@ def cggr_linear_cross_entropy(
     if chunk_size is not None:
         check.check_number("chunk_size", chunk_size, 1, float("inf"), integer=True)
     weight_grad = _weight_grad_mode(weight, fp32_grad_accumulation, weight_grad_in_place)
-    ratio = check.check_ratio(ratio, hidden.device)
+    ratio = resolve_ratio(ratio, hidden.device)
     return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
-                                    return_info, chunk_size, weight_grad)
+                                    return_info, chunk_size, weight_grad, reference_loss)
+
+
+def _autocast(hidden, weight, bias):
+    """Under ``torch.autocast`` for hidden's device, the three cast to its dtype (as
+    ``F.linear`` would be); the casts are differentiable, so gradients return in each input's
+    dtype. Else unchanged."""
+    if not isinstance(weight, torch.Tensor):
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def resolve_ratio(ratio: Ratio, device: torch.device):
+    """A checked float, a 0-d device tensor, or a Curriculum's current ratio."""
+    if isinstance(ratio, Curriculum):
+        return ratio.ratio
+    return check.check_ratio(ratio, device)
 
 
 def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight_grad_in_place: bool) -> str:
@@ -160,6 +200,7 @@ def _options(backend: str, **options) -> LossOptions:
 
 
 def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:
+    """Device and dtype of ``tensor`` (weight or bias) are hidden's."""
     if tensor.device != hidden.device:
         raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if tensor.dtype != hidden.dtype:
@@ -167,17 +208,24 @@ def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:
 
 
 def prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: LossOptions, backend: str,
-            check_targets: bool):
-    """Checks that need the tensors; returns (backend module, seq_shape)."""
+            check_targets: bool, reference_loss: Optional[torch.Tensor] = None):
+    """Checks that need the tensors; returns (backend module, seq_shape, targets, reference
+    loss), the last two flattened to contiguous ``[N]`` vectors: the kernels read per-row
+    tensors by row index, so a strided or expanded one is copied here (O(N)), once."""
+    check.check_reference_loss(reference_loss, opts.scoring, targets)
     seq_shape = check.check_sequence_shape(opts.selection, targets)
     check.check_generator(opts.generator, rows.device)
+    check.check_inplace_backward(opts.inplace_backward, rows)
     impl = get_backend(backend, rows.device)
     if check_targets:
         check.check_target_range(targets, vocab_size, opts.ignore_index)
-    return impl, seq_shape
+    flat_targets = targets.reshape(-1).contiguous()
+    if reference_loss is not None:
+        reference_loss = reference_loss.detach().reshape(-1).contiguous()
+    return impl, seq_shape, flat_targets, reference_loss
 
 
-def _as_rows3d(logits: torch.Tensor) -> torch.Tensor:
+def as_rows3d(logits: torch.Tensor) -> torch.Tensor:
     """``[..., V]`` -> ``[B, T, V]`` with unit stride along V and ``.view(-1, V)`` possible
     whenever the B and T strides allow; a view wherever possible."""
     if logits.dim() == 2:
@@ -194,27 +242,36 @@ def _finish(loss: torch.Tensor, info: CGGRInfo, shape, opts: LossOptions, return
 
 
 def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, backend: str, check_targets: bool,
-                      return_info: bool) -> LossOrLossAndInfo:
-    """Validated inputs -> loss; ``ratio`` may also be a callable of the mean confidence."""
-    impl, seq_shape = prepare(logits, targets, logits.shape[-1], opts, backend, check_targets)
-    loss, info = cggr_cross_entropy_apply(_as_rows3d(logits), targets.reshape(-1), impl, ratio, opts, seq_shape,
-                                          with_info=return_info)
+                      return_info: bool, reference_loss=None, sink=None) -> LossOrLossAndInfo:
+    """Validated inputs -> loss; ``ratio`` may also be a callable of the mean confidence, and
+    ``sink`` a list that receives what the info is made of (see ``ops.autograd``)."""
+    impl, seq_shape, flat_targets, reference_loss = prepare(logits, targets, logits.shape[-1], opts, backend,
+                                                            check_targets, reference_loss)
+    loss, info = cggr_cross_entropy_apply(as_rows3d(logits), flat_targets, reference_loss, impl, ratio, opts,
+                                          seq_shape, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)
 
 
 def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, opts: LossOptions, backend: str,
                              check_targets: bool, return_info: bool, chunk_size: Optional[int] = None,
-                             weight_grad: str = "native") -> LossOrLossAndInfo:
+                             weight_grad: str = "native", reference_loss=None, sink=None,
+                             ratio_bound: Optional[float] = None) -> LossOrLossAndInfo:
+    """Validated inputs -> loss. ``ratio_bound``: the largest ratio a callable ``ratio`` can
+    return (a float ratio is its own bound; without one the backward may recompute every row)."""
     vocab_size = weight.shape[0]
-    impl, seq_shape = prepare(hidden, targets, vocab_size, opts, backend, check_targets)
+    impl, seq_shape, flat_targets, reference_loss = prepare(hidden, targets, vocab_size, opts, backend, check_targets,
+                                                            reference_loss)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
     chunk_rows = chunk_size or _default_chunk_rows(vocab_size)
-    bound = ratio if isinstance(ratio, float) else None  # a device ratio: no host-side bound
-    loss, info = cggr_linear_cross_entropy_apply(
-        hidden2d, weight, bias, targets.reshape(-1), impl, ratio, opts, seq_shape, min(chunk_rows, max(n_rows, 1)),
-        max_selected_rows(bound, opts, n_rows, seq_shape), weight_grad, with_info=return_info,
-    )
+    if ratio_bound is None and isinstance(ratio, float):
+        ratio_bound = ratio
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the autocast dtype already
+        loss, info = cggr_linear_cross_entropy_apply(
+            hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio, opts, seq_shape,
+            min(chunk_rows, max(n_rows, 1)), max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
+            with_info=return_info, sink=sink,
+        )
     return _finish(loss, info, targets.shape, opts, return_info)
 
 
@@ -226,9 +283,11 @@ def _default_chunk_rows(vocab_size: int) -> int:
 
 def max_selected_rows(ratio_bound: Optional[float], opts: LossOptions, n_rows: int, seq_shape) -> int:
     """A host-side upper bound on how many rows a selection can keep (no device sync)."""
-    if ratio_bound is None or opts.selection == "importance":  # importance keeps a random count
+    if ratio_bound is None:
         return n_rows
     bound = max(1, math.ceil(ratio_bound * n_rows - 1e-6))
+    if opts.selection == "importance":  # systematic sampling keeps k or k + 1 rows at most
+        bound += 1
     if seq_shape is not None:
         bound = max(bound, seq_shape[0] * opts.min_tokens_per_sequence)
     return min(n_rows, bound)

@@ -1,4 +1,4 @@
-"""What a CGGR forward returns besides the loss (SPEC.md §6)."""
+"""What a CGGR forward returns besides the loss (docs/semantics.md, "Information")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

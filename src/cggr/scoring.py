@@ -1,16 +1,19 @@
-"""Per-row statistics and the formulas built on them (SPEC.md §2, §3, §5).
+"""Per-row statistics and the formulas built on them (docs/semantics.md: statistics,
+scores, per-row loss).
 
 Every backend produces a :class:`RowStats`; everything after that (difficulty
-scores, per-row loss, selection, reduction) is computed here, once, in torch.
+scores, per-row loss, selection, reduction) is computed here, once, in torch. The Triton
+kernels repeat :func:`transform_logits`, :func:`difficulty` and :func:`row_loss` in their
+epilogues; the tests hold them to these.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-SCORINGS = ("entropy", "margin", "loss", "combined", "gradnorm")
+SCORINGS = ("entropy", "margin", "loss", "combined", "gradnorm", "excess")
 
 
 class RowStats(NamedTuple):
@@ -27,13 +30,30 @@ class RowStats(NamedTuple):
     second_prob: torch.Tensor  # p2 (== p1 when the maximum is shared)
     sum_sq_other_prob: torch.Tensor  # sum over j != y of p_j^2 (gradnorm without cancellation)
     sum_logits: torch.Tensor  # sum x
-    score: torch.Tensor  # difficulty (SPEC.md §3)
-    loss: torch.Tensor  # per-row loss l_i (SPEC.md §5)
+    score: torch.Tensor  # difficulty, see difficulty()
+    loss: torch.Tensor  # per-row loss l_i, see row_loss()
 
     @classmethod
     def from_columns(cls, columns: torch.Tensor) -> "RowStats":
         """Split an ``[N, 9]`` tensor (fields in declaration order) into a RowStats."""
         return cls(*columns.unbind(dim=1))
+
+
+def transform_logits(x: torch.Tensor, logit_scale: float, logit_softcap) -> torch.Tensor:
+    """The logits every formula sees: ``x * logit_scale``, then ``c * tanh(x / c)`` for a
+    softcap ``c`` (None: no cap)."""
+    if logit_scale != 1.0:
+        x = x * logit_scale
+    if logit_softcap is not None:
+        x = torch.tanh(x / logit_softcap) * logit_softcap
+    return x
+
+
+def transform_slope(transformed: torch.Tensor, logit_scale: float, logit_softcap) -> torch.Tensor:
+    """d transformed / d x, from the transformed logits: ``scale * (1 - (t / c)^2)``."""
+    if logit_softcap is None:
+        return torch.full_like(transformed, logit_scale)
+    return (1.0 - (transformed / logit_softcap).square()) * logit_scale
 
 
 def scoring_reads(scoring: str):
@@ -51,8 +71,17 @@ def target_miss(stats: RowStats) -> torch.Tensor:
     return -torch.expm1(stats.target_logit - stats.lse)
 
 
-def difficulty(stats: RowStats, scoring: str, vocab_size: int) -> torch.Tensor:
-    """Difficulty score in [0, 1], higher = harder (SPEC.md §3). NaN rows stay NaN."""
+def excess_score(nll_: torch.Tensor, reference_loss: torch.Tensor) -> torch.Tensor:
+    """sigmoid(nll - reference loss): high where this model is wrong and the reference right."""
+    return torch.sigmoid(nll_ - reference_loss.to(nll_.dtype))
+
+
+def difficulty(stats: RowStats, scoring: str, vocab_size: int,
+               reference_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Difficulty score in [0, 1], higher = harder. NaN rows stay NaN. ``reference_loss``
+    ([N], needed by ``'excess'``) is each row's loss under a reference model."""
+    if scoring == "excess":
+        return excess_score(nll(stats), reference_loss)
     if scoring == "gradnorm":
         # ||p - onehot(y)||^2 = sum p^2 - 2 p_y + 1 = (1 - p_y)^2 + sum_{j != y} p_j^2; the second
         # form does not cancel when p_y is near 1, where the score is near 0.
@@ -71,7 +100,7 @@ def difficulty(stats: RowStats, scoring: str, vocab_size: int) -> torch.Tensor:
 
 
 def row_loss(stats: RowStats, label_smoothing: float, z_loss: float, vocab_size: int) -> torch.Tensor:
-    """Per-row loss l_i = (1-eps) nll + eps (lse - sum x / V) + z lse^2 (SPEC.md §5)."""
+    """Per-row loss l_i = (1-eps) nll + eps (lse - sum x / V) + z lse^2."""
     loss = nll(stats)
     # Terms are added only when their factor is non-zero: 0 * inf would turn a legal
     # -inf logit into a NaN loss.
@@ -84,10 +113,10 @@ def row_loss(stats: RowStats, label_smoothing: float, z_loss: float, vocab_size:
 
 
 def with_score_and_loss(stats: RowStats, valid: torch.Tensor, scoring: str, label_smoothing: float,
-                        z_loss: float, vocab_size: int) -> RowStats:
+                        z_loss: float, vocab_size: int, reference_loss: Optional[torch.Tensor] = None) -> RowStats:
     """``stats`` with ``score`` and ``loss`` filled in (0 on invalid rows). The Triton kernel
     computes the same two fields in its epilogue."""
     return stats._replace(
-        score=torch.where(valid, difficulty(stats, scoring, vocab_size), 0.0),
+        score=torch.where(valid, difficulty(stats, scoring, vocab_size, reference_loss), 0.0),
         loss=torch.where(valid, row_loss(stats, label_smoothing, z_loss, vocab_size), 0.0),
     )

@@ -1,4 +1,4 @@
-"""Which valid rows carry loss (SPEC.md §4). Device-side only: no host sync.
+"""Which valid rows carry loss (docs/semantics.md, "Selection"). Device-side only: no host sync.
 
 All functions take flat ``[N]`` tensors: ``scores`` (float, NaN = hardest) and
 ``valid`` (bool), and return ``(mask [N] bool, weight [N] float)``.
@@ -15,8 +15,6 @@ SELECTIONS = ("topk", "stratified", "sequence_aware", "random", "importance")
 Ratio = Union[float, torch.Tensor]
 
 _IMPORTANCE_MIN_SCORE = 1e-6  # keeps c finite when a score is exactly 0
-_IMPORTANCE_GRID = 33  # candidate values of c per refinement round
-_IMPORTANCE_ROUNDS = 6  # 32**6 ~ 1e9-fold narrowing of log(c): far below 1e-4 relative
 
 
 def ratio_tensor(ratio: Ratio, device: torch.device) -> torch.Tensor:
@@ -54,8 +52,15 @@ def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
-def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(n, device=device, dtype=torch.float64, generator=generator)
+def _uniform(shape, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.rand(shape, device=device, dtype=torch.float64, generator=generator)
+
+
+def random_keys(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``[n]`` int32 keys uniform in [0, 2**31): ranking rows by them (ties to the lower index,
+    which are rare) draws a uniformly random subset. Every backend draws the same keys from the
+    same generator, so it keeps the same rows."""
+    return torch.randint(0, 2**31 - 1, (n,), device=device, dtype=torch.int32, generator=generator)
 
 
 def select_topk(scores, valid, k):
@@ -65,14 +70,15 @@ def select_topk(scores, valid, k):
 
 
 def select_random(scores, valid, k, generator):
-    key = _uniform(scores.numel(), scores.device, generator)
-    # Among valid rows a uniformly random key order is a uniformly random subset.
+    key = random_keys(scores.numel(), scores.device, generator).to(torch.float64)
     mask = valid & (hardness_rank(key, valid) < k)
     return mask, mask.to(scores.dtype)
 
 
 def stratum_shares(k: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Rows to draw from each stratum (hardest first), summing to k; see SPEC.md §4."""
+    """Rows to draw from each stratum (hardest first), summing to k: shares proportional to the
+    weights S, S-1, ..., 1 by largest remainder (ties to the harder stratum), capped by each
+    stratum's size, what a cap removes going to the hardest strata with room."""
     num_strata = sizes.numel()
     strata = torch.arange(num_strata, device=sizes.device)
     w = num_strata - strata  # S, S-1, ..., 1
@@ -125,41 +131,57 @@ def select_sequence_aware(scores, valid, k, seq_shape, min_tokens_per_sequence):
 
 
 def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
-    """pi_i = clamp(c * score_i, pi_min, 1) with c found so that sum pi = k (0 on invalid rows)."""
+    """pi_i = clamp(c * s_i, pi_min, 1) on valid rows (0 elsewhere), with c such that sum pi = k.
+
+    ``s`` is the score in float64, NaN as 1 and at least 1e-6 (so c stays finite). sum pi is a
+    continuous, non-decreasing, piecewise-linear function of c whose breakpoints are
+    ``pi_min / s_i`` and ``1 / s_i``; it is evaluated at every breakpoint (from the sorted scores
+    and their prefix sums), and c is interpolated between the two breakpoints that bracket k,
+    where it is linear: an exact solution with one sort and no loop.
+    """
     dtype = torch.float64
     s = torch.nan_to_num(scores.to(dtype), nan=1.0).clamp(min=_IMPORTANCE_MIN_SCORE)
-    s = torch.where(valid, s, torch.zeros_like(s))
     pi_min = 0.05 * ratio_tensor(ratio, scores.device)
-    kf = k.to(dtype)
+    kf, n = k.to(dtype), n_valid.to(dtype)
+    ascending = torch.sort(torch.where(valid, s, float("inf"))).values  # invalid rows last, as +inf
+    prefix = torch.cat([ascending.new_zeros(1), torch.cumsum(torch.where(ascending.isinf(), 0.0, ascending), 0)])
 
-    def clamp_pi(raw: torch.Tensor) -> torch.Tensor:
-        # maximum() with the 0-d device tensor: clamp(min=tensor, max=float) would copy the
-        # float to the device from the host (a sync).
-        return torch.maximum(raw, pi_min).clamp_(max=1.0)
+    def total(c: torch.Tensor) -> torch.Tensor:
+        """sum pi at each c [M] (positive, finite)."""
+        floored = torch.searchsorted(ascending, pi_min / c, right=True)  # rows with c * s <= pi_min
+        below_one = torch.searchsorted(ascending, 1.0 / c)  # rows with c * s < 1
+        floored = torch.minimum(floored, below_one)
+        middle = prefix[below_one] - prefix[floored]
+        return (n - below_one.to(dtype)) + pi_min * floored.to(dtype) + c * middle
 
-    def expected_count(c: torch.Tensor) -> torch.Tensor:  # c: [G] -> [G]
-        pi = clamp_pi(c[:, None] * s[None, :])
-        return torch.where(valid[None, :], pi, torch.zeros_like(pi)).sum(dim=1)
+    breaks = torch.cat([pi_min / s, 1.0 / s])
+    breaks = torch.where(torch.cat([valid, valid]), breaks, float("inf"))
+    sums = total(breaks.clamp(max=torch.finfo(dtype).max))
+    # The bracket [c_lo, c_hi] holds no other breakpoint, so sum pi is linear on it.
+    c_lo = torch.where(sums <= kf, breaks, 0.0).max()
+    c_hi = torch.where(sums >= kf, breaks, float("inf")).min()
+    at_lo, at_hi = total(torch.stack([c_lo, c_hi]).clamp(min=1e-300, max=torch.finfo(dtype).max)).unbind()
+    step = torch.where(at_hi > at_lo, (kf - at_lo) / (at_hi - at_lo), 0.0)
+    c = c_lo + step * (c_hi - c_lo)
+    pi = torch.maximum(c * s, pi_min).clamp_(max=1.0)
+    pi = torch.where(k >= n_valid, 1.0, pi)
+    return torch.where(valid, pi, 0.0)
 
-    # sum pi is non-decreasing in c; refine log(c) on a grid, keeping the bracket around k.
-    lo = torch.full((), -30.0, dtype=dtype, device=scores.device)
-    hi = torch.full((), 1.0 - math.log(_IMPORTANCE_MIN_SCORE), dtype=dtype, device=scores.device)
-    steps = torch.linspace(0.0, 1.0, _IMPORTANCE_GRID, dtype=dtype, device=scores.device)
-    for _ in range(_IMPORTANCE_ROUNDS):
-        grid = lo + (hi - lo) * steps
-        below = expected_count(torch.exp(grid)) < kf
-        last_below = below.sum().clamp(min=1, max=_IMPORTANCE_GRID - 1) - 1
-        # index_select, not grid[t]: indexing with a 0-d tensor reads it on the host (a sync).
-        lo, hi = grid.index_select(0, torch.stack([last_below, last_below + 1])).unbind()
-    pi = clamp_pi(torch.exp(hi) * s)
-    pi = torch.where(k >= n_valid, torch.ones_like(pi), pi)
-    return torch.where(valid, pi, torch.zeros_like(pi))
+
+def systematic_sample(pi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows kept by systematic sampling in row order: with C_i the running sum of ``pi``
+    (float64, 0 before the first row), row i is kept iff floor(C_i + u) > floor(C_{i-1} + u).
+    Each row is kept with probability pi_i (rows with pi_i = 1 always); the count is
+    floor(C_N + u)."""
+    running = torch.cumsum(pi, 0)
+    before = torch.cat([running.new_zeros(1), running[:-1]])
+    return (pi >= 1.0) | ((running + u).floor() > (before + u).floor())
 
 
 def select_importance(scores, valid, k, n_valid, ratio, generator):
     pi = importance_probabilities(scores, valid, k, n_valid, ratio)
-    mask = valid & (_uniform(scores.numel(), scores.device, generator) < pi)
-    weight = torch.where(mask, 1.0 / pi.clamp(min=1e-30), torch.zeros_like(pi))
+    mask = valid & systematic_sample(pi, _uniform((), scores.device, generator))
+    weight = torch.where(mask, 1.0 / pi.clamp(min=1e-30), 0.0)
     return mask, weight.to(scores.dtype)
 
 
@@ -168,7 +190,7 @@ def select_rows(
     valid: torch.Tensor,
     ratio: Ratio,
     *,
-    selection: str = "topk",
+    selection: str = "importance",
     seq_shape: Optional[tuple] = None,
     num_strata: int = 4,
     min_tokens_per_sequence: int = 1,

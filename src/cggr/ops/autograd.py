@@ -2,13 +2,17 @@
 
 A backend is any object with
 
-* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions) -> RowStats``
-* ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, label_smoothing, z_loss,
-  grad_scale=None, out=None, vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where
-  ``mask`` is False; ``logits`` may hold V' consecutive columns of ``vocab_size``, with the
-  targets counted from the first of them.
+* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions,
+  reference_loss=None) -> RowStats``
+* ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, opts, grad_scale=None, out=None,
+  vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where ``mask`` is False;
+  ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
+  the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor.
-* optionally ``select_topk(stats, valid, ratio, reduction)``: see :func:`cggr.core.select_and_reduce`.
+* optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`.
+
+Per-row tensors (targets, validity, reference losses) are contiguous ``[B*T]`` vectors here;
+:mod:`cggr.functional` makes them so.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..core import LossOptions, RatioSpec, mean_denominator, select_and_reduce, selected_first
+from ..core import LossOptions, RatioSpec, build_info, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
 from .reference import compute_dtype
@@ -25,18 +29,22 @@ from .reference import compute_dtype
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 
 
-def _outputs(ctx, reduced):
-    """(loss, *info fields if computed); the info is not differentiable."""
-    if reduced.info is None:
+def _outputs(ctx, stats, reduced, with_info, sink):
+    """(loss, *info fields if asked for); the info is not differentiable. ``sink`` (a list or
+    None) receives ``(stats, reduced)``, from which :func:`build_info` makes the info later."""
+    if sink is not None:
+        sink.append((stats, reduced))
+    if not with_info:
         return reduced.loss
-    info = tuple(getattr(reduced.info, name) for name in _INFO_FIELDS)
+    info = build_info(stats, reduced)
+    info = tuple(getattr(info, name) for name in _INFO_FIELDS)
     ctx.mark_non_differentiable(*info)
     return (reduced.loss, *info)
 
 
-def _fused_topk(backend):
-    """The backend's one-launch ``topk`` selection, if it has one."""
-    return getattr(backend, "select_topk", None)
+def _fused_select(backend):
+    """The backend's one-launch selection, if it has one."""
+    return getattr(backend, "select", None)
 
 
 def _unpack(outputs, with_info: bool):
@@ -50,28 +58,34 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     """loss = CGGR(logits); backward writes the gradient of selected rows only."""
 
     @staticmethod
-    def forward(ctx, logits, targets, backend, ratio: RatioSpec, opts: LossOptions, seq_shape, with_info: bool):
+    def forward(ctx, logits, targets, reference_loss, backend, ratio: RatioSpec, opts: LossOptions, seq_shape,
+                with_info: bool, sink):
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, opts)
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
+        stats = backend.row_stats(logits, targets, valid, opts, reference_loss)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
-        return _outputs(ctx, reduced)
+        return _outputs(ctx, stats, reduced, with_info, sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
         logits, targets, lse, mask, coef = ctx.saved_tensors
         opts = ctx.opts
-        grad = ctx.backend.logits_grad(
-            logits, targets, lse, coef, mask, opts.label_smoothing, opts.z_loss, grad_scale=grad_loss,
-            out=logits if opts.inplace_backward else None,
-        )
-        return grad, None, None, None, None, None, None
+        grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
+                                       out=logits if opts.inplace_backward else None)
+        if opts.inplace_backward:
+            # The kernels write behind autograd's back: mark the buffer changed, so that an op
+            # that saved these logits for its own backward (relu, say) raises instead of
+            # reading a gradient as its output.
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None, None, None
 
 
-def cggr_cross_entropy_apply(logits3d, targets_flat, backend, ratio, opts, seq_shape, with_info=True):
+def cggr_cross_entropy_apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+                             with_info=True, sink=None):
     """Run the Function; returns ``(loss, CGGRInfo or None)`` with flat per-row info."""
-    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, backend, ratio, opts, seq_shape, with_info)
+    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+                                             with_info, sink)
     return _unpack(outputs, with_info)
 
 
@@ -166,8 +180,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, backend, ratio, opts, seq_shape,
-                chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool):
+    def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
+                chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool, sink):
         valid = targets != opts.ignore_index
         grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
         if grads_now:
@@ -182,13 +196,14 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         stats_parts = []
         for rows in _chunks(hidden.shape[0], chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
-            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts)
+            chunk_ref = None if reference_loss is None else reference_loss[rows]
+            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
             stats_parts.append(torch.stack(chunk_stats, 1))
             if grads_now:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
                 coef = coef if denominator is None else coef / denominator
-                grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows],
-                                                  opts.label_smoothing, opts.z_loss, out=logits)[0]
+                grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows], opts,
+                                                  out=logits)[0]
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
                 del grad_logits  # a view of this chunk's logits: freed before the next chunk is made
@@ -196,13 +211,13 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if not stats_parts:  # no rows at all
             stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
         stats = RowStats.from_columns(torch.cat(stats_parts))
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, with_info, _fused_topk(backend))
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
         ctx.has_bias = bias is not None
         ctx.grads = grads if grads_now else None
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
-        return _outputs(ctx, reduced)
+        return _outputs(ctx, stats, reduced, with_info, sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
@@ -210,7 +225,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         bias_dtype = bias.dtype if bias is not None else None
         if ctx.grads is None:  # nothing formed in the forward
             grads = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
-            return (*grads.result(weight.dtype, bias_dtype), *([None] * 9))
+            return (*grads.result(weight.dtype, bias_dtype), *([None] * 11))
         grads, ctx.grads = ctx.grads, None
         formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
         recompute_cols = grads.vocab_start if grads.need_weight else 0
@@ -218,7 +233,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if recompute_cols > 0:
             _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
                                       recompute_cols)
-        return (*formed, *([None] * 9))
+        return (*formed, *([None] * 11))
 
 
 def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrads:
@@ -233,10 +248,8 @@ def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrad
         index = order[rows]
         h = hidden.index_select(0, index)
         logits = _project(h, weight, bias)[None]
-        grad_logits = ctx.backend.logits_grad(
-            logits, targets[index], lse[index], coef[index], mask[index], opts.label_smoothing, opts.z_loss,
-            out=logits,
-        )[0]
+        grad_logits = ctx.backend.logits_grad(logits, targets[index], lse[index], coef[index], mask[index], opts,
+                                              out=logits)[0]
         grads.add(index, h, grad_logits)
         del logits, grad_logits
     return grads
@@ -255,10 +268,8 @@ def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coe
     weight_grad = _existing_grad(weight)
     for cols in _chunks(n_cols, width):
         logits = _project(hidden, weight[cols], None if bias is None else bias[cols])[None]
-        grad_logits = ctx.backend.logits_grad(
-            logits, targets - cols.start, lse, coef, mask, opts.label_smoothing, opts.z_loss, out=logits,
-            vocab_size=vocab_size,
-        )[0]
+        grad_logits = ctx.backend.logits_grad(logits, targets - cols.start, lse, coef, mask, opts, out=logits,
+                                              vocab_size=vocab_size)[0]
         weight_grad[cols].addmm_(grad_logits.t(), hidden)
         del logits, grad_logits
 
@@ -272,10 +283,11 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-                                    chunk_rows, max_selected, weight_grad="native", with_info=True):
+def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
+                                    seq_shape, chunk_rows, max_selected, weight_grad="native", with_info=True,
+                                    sink=None):
     outputs = CGGRLinearCrossEntropyFunction.apply(
-        hidden2d, weight, bias, targets_flat, backend, ratio, opts, seq_shape,
-        chunk_rows, max_selected, weight_grad, with_info,
+        hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+        chunk_rows, max_selected, weight_grad, with_info, sink,
     )
     return _unpack(outputs, with_info)

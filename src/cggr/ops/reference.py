@@ -1,4 +1,5 @@
-"""Pure-PyTorch backend: the executable form of SPEC.md §2 and the §5 gradient.
+"""Pure-PyTorch backend: the executable form of the per-row statistics and of the gradient
+(docs/semantics.md).
 
 Runs on any device. Rows are processed in chunks so that no float32 copy of the
 whole ``[N, V]`` logits is alive at once.
@@ -9,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..scoring import RowStats, with_score_and_loss
+from ..scoring import RowStats, transform_logits, transform_slope, with_score_and_loss
 
 _CHUNK_ELEMENTS = 1 << 24
 _N_BASE = 7  # the RowStats fields every scoring shares; score and loss follow
@@ -54,10 +55,12 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(non_finite[:, None], torch.full_like(columns, float("nan")), columns)
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts) -> RowStats:
-    """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid ``[B*T]``;
-    ``opts`` a LossOptions (its scoring, label smoothing and z-loss give score and loss).
-    Returns float32 (float64 for float64 logits), 0 on invalid rows; computes every field."""
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
+              reference_loss: Optional[torch.Tensor] = None) -> RowStats:
+    """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid (and
+    ``reference_loss`` for the ``excess`` scoring) ``[B*T]`` contiguous; ``opts`` a LossOptions
+    (logit scale and softcap, scoring, label smoothing and z-loss). Returns float32 (float64 for
+    float64 logits), 0 on invalid rows; computes every field."""
     vocab_size = logits.shape[-1]
     logits = logits.reshape(-1, vocab_size)
     n_rows = logits.shape[0]
@@ -65,10 +68,11 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
     safe = _safe_targets(targets, valid)
     columns = torch.zeros(n_rows, len(RowStats._fields), dtype=dtype, device=logits.device)
     for rows in _row_chunks(n_rows, vocab_size):
-        columns[rows, :_N_BASE] = _chunk_stats(logits[rows].to(dtype), safe[rows])
+        x = transform_logits(logits[rows].to(dtype), opts.logit_scale, opts.logit_softcap)
+        columns[rows, :_N_BASE] = _chunk_stats(x, safe[rows])
     columns = torch.where(valid[:, None], columns, torch.zeros_like(columns))
     return with_score_and_loss(RowStats.from_columns(columns), valid, opts.scoring, opts.label_smoothing,
-                               opts.z_loss, vocab_size)
+                               opts.z_loss, vocab_size, reference_loss)
 
 
 def logits_grad(
@@ -77,13 +81,13 @@ def logits_grad(
     lse: torch.Tensor,
     coef: torch.Tensor,
     mask: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
+    opts,
     grad_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """d loss / d logits (SPEC.md §5), exactly 0 on rows where ``mask`` is False.
+    """d loss / d logits, exactly 0 on rows where ``mask`` is False; ``opts`` a LossOptions
+    (label smoothing, z-loss, logit scale and softcap).
 
     logits ``[B, T, V']``: V' consecutive columns of rows of ``vocab_size`` columns (None: V'),
     with ``targets`` counted from the first of them (a target outside adds no one-hot term);
@@ -101,16 +105,20 @@ def logits_grad(
     safe = _safe_targets(targets, in_cols)
     if grad_scale is not None:
         coef = coef * grad_scale.to(coef.dtype)
+    label_smoothing, z_loss = opts.label_smoothing, opts.z_loss
+    transformed = opts.logit_scale != 1.0 or opts.logit_softcap is not None
     # Write straight into ``out`` when its rows can be viewed flat; else copy at the end.
-    flat_out = out is not None and out.reshape(-1, n_cols).data_ptr() == out.data_ptr() and out.is_contiguous()
+    flat_out = out is not None and out.is_contiguous()
     result = out.view(-1, n_cols) if flat_out else torch.empty_like(logits)
     for rows in _row_chunks(n_rows, n_cols):
-        x = logits[rows].to(dtype)
+        x = transform_logits(logits[rows].to(dtype), opts.logit_scale, opts.logit_softcap)
         lse_c = lse[rows].to(dtype)[:, None]
         p = torch.exp(x - lse_c)
         grad = p * (1.0 + 2.0 * z_loss * lse_c) - label_smoothing / vocab_size
         grad.scatter_add_(1, safe[rows, None], (label_smoothing - 1.0) * in_cols[rows, None].to(dtype))
         grad = grad * coef[rows].to(dtype)[:, None]
+        if transformed:
+            grad = grad * transform_slope(x, opts.logit_scale, opts.logit_softcap)
         result[rows] = torch.where(mask[rows, None], grad, torch.zeros_like(grad)).to(result.dtype)
     if out is not None and not flat_out:
         return out.copy_(result.view(shape))

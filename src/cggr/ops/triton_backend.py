@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 import triton
 
+from ..selection import random_keys
 from ..scoring import SCORINGS, RowStats, scoring_reads
-from . import triton_interpreting
+from . import reference, triton_interpreting
 from .launch import launch
-from . import reference
 from .reference import compute_dtype
-from .triton_kernels import logits_grad_kernel, row_stats_kernel, scale_kernel, select_topk_kernel
+from .triton_kernels import (logits_grad_kernel, row_stats_kernel, scale_kernel, select_importance_kernel,
+                             select_topk_kernel)
 
 _N_STATS = len(RowStats._fields)
 _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index("loss")
@@ -83,8 +84,15 @@ def _hi_lo(value: float):
     return hi, (value - hi if math.isfinite(hi) else 0.0)
 
 
-def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scoring: str,
-               label_smoothing: float, z_loss: float) -> torch.Tensor:
+def _transform_args(logit_scale: float, logit_softcap: Optional[float]):
+    """(TRANSFORM code, the four float arguments) of a logit scale and softcap (0 = no cap)."""
+    code = 2 if logit_softcap else (1 if logit_scale != 1.0 else 0)
+    return code, (*_hi_lo(logit_scale), *_hi_lo(logit_softcap or 1.0))
+
+
+def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, reference_loss: Optional[torch.Tensor],
+               scoring: str, label_smoothing: float, z_loss: float, logit_scale: float,
+               logit_softcap: float) -> torch.Tensor:
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
@@ -93,14 +101,16 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
     need_second, need_sum_sq = scoring_reads(scoring)
     config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_second or need_sum_sq))
     align, (rows,), offset = _row_layout(config, logits)
+    transform, transform_args = _transform_args(logit_scale, logit_softcap)
     with _device_guard(logits):
         launch(
             row_stats_kernel, n_rows,
-            rows, targets, valid, stats, seq_len, logits.stride(0), logits.stride(1), offset, vocab_size,
-            *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            rows, targets, valid, valid if reference_loss is None else reference_loss, stats, seq_len,
+            logits.stride(0), logits.stride(1), offset, vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
+            *transform_args,
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            FOLD=_fold_width(rows, config, align), ALIGN=align, **config,
+            FOLD=_fold_width(rows, config, align), ALIGN=align, TRANSFORM=transform, **config,
         )
     return stats
 
@@ -157,32 +167,37 @@ def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
-def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scoring: str,
-                 label_smoothing: float, z_loss: float) -> torch.Tensor:
+def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                 reference_loss: Optional[torch.Tensor], scoring: str, label_smoothing: float, z_loss: float,
+                 logit_scale: float, logit_softcap: float) -> torch.Tensor:
     """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
-    the optional fields ``scoring`` does not read are 0."""
-    return _row_stats(logits, targets, valid, scoring, label_smoothing, z_loss)
+    the optional fields ``scoring`` does not read are 0. ``logit_softcap`` 0 means none."""
+    return _row_stats(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale,
+                      logit_softcap)
 
 
 @row_stats_op.register_fake
-def _(logits, targets, valid, scoring, label_smoothing, z_loss):
+def _(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale, logit_softcap):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
-def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size):
+def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
+                 grad_scale, vocab_size):
     batch, seq_len, n_cols = logits.shape
     if batch * seq_len == 0:
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
     config = launch_config(n_cols, "grad")
     align, (rows, grad_rows), offset = _row_layout(config, logits, grad)
+    transform, transform_args = _transform_args(logit_scale, logit_softcap)
     with _device_guard(logits):
         launch(
             logits_grad_kernel, batch * seq_len,
             rows, grad_rows, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
             grad.stride(0), grad.stride(1), offset, lse.stride(0), n_cols, vocab_size or n_cols,
-            *_hi_lo(label_smoothing), *_hi_lo(z_loss),
-            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale), ALIGN=align, **config,
+            *_hi_lo(label_smoothing), *_hi_lo(z_loss), *transform_args,
+            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale), ALIGN=align,
+            TRANSFORM=transform, **config,
         )
 
 
@@ -209,62 +224,66 @@ def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return storage.as_strided(logits.shape, logits.stride(), offset)
 
 
-def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None,
-                     offset=0):
+def _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
+                     grad_scale=None, vocab_size=None, offset=0):
     grad = _grad_buffer(logits, offset)
-    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+    _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
+                 grad_scale, vocab_size)
     return grad
-
-
-def _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None,
-                          vocab_size=None):
-    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
 
 
 @torch.library.custom_op("cggr::logits_grad", mutates_args=())
 def logits_grad_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                   mask: torch.Tensor, label_smoothing: float, z_loss: float,
-                   grad_scale: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
-    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+                   mask: torch.Tensor, label_smoothing: float, z_loss: float, logit_scale: float,
+                   logit_softcap: float, grad_scale: Optional[torch.Tensor] = None,
+                   vocab_size: Optional[int] = None) -> torch.Tensor:
+    return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
+                            grad_scale, vocab_size)
 
 
 @logits_grad_op.register_fake
-def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, vocab_size=None):
+def _(logits, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap, grad_scale=None,
+      vocab_size=None):
     return _grad_buffer(logits)
 
 
 @torch.library.custom_op("cggr::logits_grad_", mutates_args=("logits",))
 def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                           mask: torch.Tensor, label_smoothing: float, z_loss: float,
-                           grad_scale: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> None:
+                           mask: torch.Tensor, label_smoothing: float, z_loss: float, logit_scale: float,
+                           logit_softcap: float, grad_scale: Optional[torch.Tensor] = None,
+                           vocab_size: Optional[int] = None) -> None:
     """Like ``logits_grad`` but overwrites ``logits`` (each row is read before it is written)."""
-    _logits_grad_in_place(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+    _launch_grad(logits, logits, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
+                 grad_scale, vocab_size)
 
 
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
 # it); under torch.compile the ops are what gets traced, so there is no graph break.
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts) -> RowStats:
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
+              reference_loss: Optional[torch.Tensor] = None) -> RowStats:
     """See :func:`cggr.ops.reference.row_stats`."""
     compute = row_stats_op if torch.compiler.is_compiling() else _row_stats
-    return RowStats.from_columns(compute(logits, targets, valid, opts.scoring, opts.label_smoothing, opts.z_loss))
+    return RowStats.from_columns(compute(logits, targets, valid, reference_loss, opts.scoring, opts.label_smoothing,
+                                         opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0))
 
 
-def logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale=None, out=None,
-                vocab_size=None):
+def logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=None, out=None, vocab_size=None):
     """See :func:`cggr.ops.reference.logits_grad`."""
     coef = coef.to(lse.dtype).contiguous()  # lse may be strided (a column of the statistics)
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
+    args = (opts.label_smoothing, opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0, grad_scale, vocab_size)
     compiling = torch.compiler.is_compiling()
     if out is None:
         if compiling:  # the op's gradient starts its storage, as its fake says
-            return logits_grad_op(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
-        return _new_logits_grad(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size,
-                                _boundary_offset(logits))
+            return logits_grad_op(logits, targets, lse, coef, mask, *args)
+        return _new_logits_grad(logits, targets, lse, coef, mask, *args, _boundary_offset(logits))
     if out is not logits:  # an identity test, which torch.compile can trace (data_ptr() it cannot)
         raise ValueError("the Triton backend writes gradients in place only into the logits themselves")
-    overwrite = logits_grad_inplace_op if compiling else _logits_grad_in_place
-    overwrite(logits, targets, lse, coef, mask, label_smoothing, z_loss, grad_scale, vocab_size)
+    if compiling:
+        logits_grad_inplace_op(logits, targets, lse, coef, mask, *args)
+    else:
+        _launch_grad(logits, logits, targets, lse, coef, mask, *args)
     return logits
 
 
@@ -296,13 +315,17 @@ def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 _REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+_IMPORTANCE_ITERATIONS = 40  # halvings of log c over 101 octaves: c within 2e-10 relative, then solved
 
 
-def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
-    """``topk`` selection and reduction of float32 statistics in one launch: (mask, weight,
-    coef, loss, n_valid, n_selected) as :func:`cggr.core.select_and_reduce` computes them.
-    None where it does not apply (float64 statistics, statistics not in one ``[N, 9]``
-    block, or under torch.compile, which fuses the PyTorch ops itself)."""
+def select(stats: RowStats, valid: torch.Tensor, ratio, opts):
+    """``topk``, ``random`` and ``importance`` selection and reduction of float32 statistics in
+    one launch: (mask, weight, coef, loss, n_valid, n_selected) as
+    :func:`cggr.core.select_and_reduce` computes them. None where it does not apply (other
+    selections, float64 statistics, statistics not in one ``[N, 9]`` block, or under
+    torch.compile, which fuses the PyTorch ops itself)."""
+    if opts.selection not in ("topk", "random", "importance"):
+        return None
     base = stats.lse
     n_rows = base.numel()
     if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != _N_STATS:
@@ -315,19 +338,28 @@ def select_topk(stats: RowStats, valid: torch.Tensor, ratio, reduction: str):
     weight = torch.empty(n_rows, dtype=torch.float32, device=device)
     coef = torch.empty(n_rows, dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if reduction == "none" else loss
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if opts.reduction == "none" else loss
     counts = torch.empty(2, dtype=torch.int64, device=device)
     from_ptr = isinstance(ratio, torch.Tensor)
-    hi, lo = (0.0, 0.0) if from_ptr else _hi_lo(float(ratio))
+    # A Python float travels as its bits, so the budget is computed from it exactly.
+    ratio_bits = 0 if from_ptr else struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
     config = launch_config(n_rows, "select", block_name="CHUNK")
+    common = dict(RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[opts.reduction],
+                  ONE_STEP=n_rows <= config["CHUNK"], STATS_WIDTH=_N_STATS, LOSS_COL=_LOSS_COL, **config)
+    outputs = (mask, weight, coef, row_loss, loss, counts, n_rows)
+    # Stand-ins for pointers a kernel does not read: ``counts`` for a float ratio, ``loss`` for
+    # the per-row losses unless reduction is 'none'.
+    ratio_ptr = ratio.to(device=device, dtype=torch.float64) if from_ptr else counts
     with _device_guard(base):
-        # Stand-ins for pointers the kernel does not use: ``counts`` for a float ratio, ``loss``
-        # for the per-row losses unless reduction is 'none'.
-        launch(
-            select_topk_kernel, 1,
-            base, valid, ratio if from_ptr else counts, hi, lo, mask, weight, coef, row_loss, loss, counts, n_rows,
-            STATS_WIDTH=_N_STATS, SCORE_COL=_SCORE_COL, LOSS_COL=_LOSS_COL,
-            RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[reduction], ONE_STEP=n_rows <= config["CHUNK"],
-            **config,
-        )
+        if opts.selection == "importance":
+            u = torch.rand((), dtype=torch.float64, device=device, generator=opts.generator)
+            launch(select_importance_kernel, 1, base, valid, ratio_ptr, ratio_bits, u, *outputs,
+                   SCORE_COL=_SCORE_COL, ITERATIONS=_IMPORTANCE_ITERATIONS, **common)
+        else:
+            if opts.selection == "topk":
+                keys, key_stride = stats.score, _N_STATS
+            else:
+                keys, key_stride = random_keys(n_rows, device, opts.generator), 1
+            launch(select_topk_kernel, 1, keys, base, valid, ratio_ptr, ratio_bits, *outputs,
+                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection == "topk", **common)
     return mask, weight, coef, row_loss, counts[0], counts[1]

@@ -1,7 +1,7 @@
 """Triton kernels: one online pass per row for the statistics, a gradient pass that reads
 only the selected rows (one program per row each; rows are addressed as ``[B, T, V]`` with
-arbitrary B and T strides and unit stride along V; offsets are int64), and a one-program
-``topk`` selection over the statistics.
+arbitrary B and T strides and unit stride along V; offsets are int64), and one-program
+selections over the statistics (``topk`` and ``random`` by radix select, ``importance``).
 """
 import triton
 import triton.language as tl
@@ -75,12 +75,43 @@ def _aligned_row(ptr, base, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tanh(u):
+    """tanh without libdevice (which the interpreter lacks): expm1(2|u|) / (expm1(2|u|) + 2),
+    |u| capped at 20 (tanh(20) is 1 in float64), the sign put back; NaN stays NaN."""
+    e = _expm1(2.0 * tl.minimum(tl.abs(u), 20.0))
+    t = e / (e + 2.0)
+    t = tl.where(u < 0, -t, t)
+    return tl.where(u != u, u, t)
+
+
+@triton.jit
+def _transform(x, scale, cap, TRANSFORM: tl.constexpr):
+    """The logits every formula sees (cggr.scoring.transform_logits): TRANSFORM 0 none,
+    1 ``x * scale``, 2 then ``cap * tanh(x / cap)``."""
+    if TRANSFORM >= 1:
+        x = x * scale
+    if TRANSFORM == 2:
+        x = cap * _tanh(x / cap)
+    return x
+
+
+@triton.jit
+def _transform_slope(t, scale, cap, TRANSFORM: tl.constexpr):
+    """d transformed / d x from the transformed logits ``t`` (cggr.scoring.transform_slope)."""
+    if TRANSFORM == 2:
+        r = t / cap
+        return scale * (1.0 - r * r)
+    else:
+        return scale
+
+
+@triton.jit
 def row_stats_kernel(
-    logits_ptr, targets_ptr, valid_ptr, stats_ptr,
-    seq_len, stride_b, stride_t, offset, vocab_size, eps_hi, eps_lo, z_hi, z_lo,
+    logits_ptr, targets_ptr, valid_ptr, ref_ptr, stats_ptr,
+    seq_len, stride_b, stride_t, offset, vocab_size, eps_hi, eps_lo, z_hi, z_lo, scale_hi, scale_lo, cap_hi, cap_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, TRANSFORM: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
     order); zeros on invalid rows, and in the optional fields the scoring does not read, so
@@ -93,7 +124,10 @@ def row_stats_kernel(
     ``log S - t / S`` never subtracts two large numbers. ``sum x`` (always kept: one add) flags NaN and +inf rows.
     Full blocks are read with a one-block prefetch; one masked tail block follows. Row ``r``
     starts at ``offset + (r // seq_len) * stride_b + (r % seq_len) * stride_t``; with ``ALIGN``
-    > 1 anywhere (see :func:`_aligned_row`).
+    > 1 anywhere (see :func:`_aligned_row`). Targets, validity and the reference losses (read
+    for the ``excess`` scoring only) are contiguous ``[B*T]`` vectors. Every logit goes through
+    :func:`_transform` (logit scale and softcap) first; its float32 (hi, lo) pairs are joined
+    like label smoothing's.
     """
     row = tl.program_id(0).to(tl.int64)
     base = offset + (row // seq_len) * stride_b + (row % seq_len) * stride_t
@@ -101,6 +135,8 @@ def row_stats_kernel(
     valid = tl.load(valid_ptr + row) != 0
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
+    scale = _joined(scale_hi, scale_lo, ACC_DTYPE)
+    cap = _joined(cap_hi, cap_lo, ACC_DTYPE)
 
     m = tl.max(tl.full((BLOCK_V,), neg_inf, ACC_DTYPE), 0)
     s_acc = tl.zeros((BLOCK_V // FOLD,), ACC_DTYPE)
@@ -114,6 +150,7 @@ def row_stats_kernel(
         length = vocab_size + shift  # positions from row_ptr: column = position - shift
         head = (cols >= shift) & (cols < ALIGN) & (cols < length) & valid
         x = tl.load(row_ptr + cols, mask=head, other=neg_inf).to(ACC_DTYPE)
+        x = tl.where(head, _transform(x, scale, cap, TRANSFORM), neg_inf)
         x_acc += _fold(tl.where(head, x, 0.0), BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
             x, -shift, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
@@ -125,7 +162,7 @@ def row_stats_kernel(
     # copy bandwidth on an H100). Its masked lanes are never used, so they need no fill value.
     x_next = tl.load(row_ptr + first + cols, mask=first + cols < full_end)
     for start in range(first, full_end, BLOCK_V):
-        x = x_next.to(ACC_DTYPE)
+        x = _transform(x_next.to(ACC_DTYPE), scale, cap, TRANSFORM)
         ahead = start + BLOCK_V + cols
         x_next = tl.load(row_ptr + ahead, mask=ahead < full_end)
         x_acc += _fold(x, BLOCK_V, FOLD)
@@ -134,6 +171,7 @@ def row_stats_kernel(
     offs = full_end + cols
     in_row = (offs < length) & valid
     x = tl.load(row_ptr + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
+    x = tl.where(in_row, _transform(x, scale, cap, TRANSFORM), neg_inf)
     x_acc += _fold(tl.where(in_row, x, 0.0), BLOCK_V, FOLD)
     m, second, s_acc, t_acc, q_acc = _absorb_block(
         x, full_end - shift, target, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
@@ -145,11 +183,16 @@ def row_stats_kernel(
     sum_x = tl.sum(x_acc, 0)
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
+    target_logit = _transform(target_logit, scale, cap, TRANSFORM)
+    if SCORING == EXCESS:
+        reference = tl.load(ref_ptr + row, mask=valid, other=0.0).to(ACC_DTYPE)
+    else:
+        reference = target_logit  # never read
 
     p1 = tl.exp(m - lse)
     p2 = tl.where(NEED_SECOND, tl.exp(second - lse), 0.0)
     sum_sq = tl.where(NEED_SUM_SQ, tl.sum(q_acc, 0) / (total * total), 0.0)
-    score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size,
+    score, loss = _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, reference, vocab_size,
                                   _joined(eps_hi, eps_lo, ACC_DTYPE), _joined(z_hi, z_lo, ACC_DTYPE), SCORING)
     keep = valid & (sum_x == sum_x) & (sum_x != float("inf"))  # NaN / +inf rows: all NaN
     out = stats_ptr + row * STATS_WIDTH
@@ -170,15 +213,22 @@ MARGIN = tl.constexpr(1)
 LOSS = tl.constexpr(2)
 COMBINED = tl.constexpr(3)
 GRADNORM = tl.constexpr(4)
+EXCESS = tl.constexpr(5)
 
 
 @triton.jit
-def _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, vocab_size, eps, z, SCORING: tl.constexpr):
-    """The row's difficulty (SPEC.md §3) and loss (§5): the same formulas as
-    cggr.scoring.difficulty and cggr.scoring.row_loss, which the tests hold these to."""
+def _score_and_loss(lse, target_logit, entropy, p1, p2, sum_sq, sum_x, reference, vocab_size, eps, z,
+                    SCORING: tl.constexpr):
+    """The row's difficulty and loss: the same formulas as cggr.scoring.difficulty and
+    cggr.scoring.row_loss, which the tests hold these to. ``reference`` is the reference
+    model's loss (``excess`` only)."""
     nll = lse - target_logit
     miss = -_expm1(target_logit - lse)  # 1 - p_y without cancellation
-    if SCORING == GRADNORM:
+    if SCORING == EXCESS:
+        u = nll - reference
+        e = tl.exp(-tl.abs(u))  # a sigmoid that neither overflows nor loses small values
+        score = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    elif SCORING == GRADNORM:
         score = tl.sqrt(miss * miss + sum_sq) / 1.4142135623730951
     else:
         by_entropy = (entropy / tl.log(vocab_size.to(lse.dtype)) - p1 + 1.0) / 2.0
@@ -221,8 +271,9 @@ def _store_stat(ptr, value, keep, valid):
 def logits_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, coef_ptr, mask_ptr, scale_ptr,
     seq_len, stride_b, stride_t, grad_stride_b, grad_stride_t, offset, lse_stride, n_cols, vocab_size,
-    eps_hi, eps_lo, z_hi, z_lo,
+    eps_hi, eps_lo, z_hi, z_lo, scale_hi, scale_lo, cap_hi, cap_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCALE_MODE: tl.constexpr, ALIGN: tl.constexpr,
+    TRANSFORM: tl.constexpr,
 ):
     """grad[row] = scale * coef * (p (1 + 2 z lse) - eps / V - (1 - eps) onehot(y)) on selected
     rows; unselected rows are written with zeros and their logits are never read. ``scale`` is
@@ -230,6 +281,8 @@ def logits_grad_kernel(
     Rows hold ``n_cols`` consecutive columns of ``vocab_size`` (all of them but in the linear
     path's recomputation of a vocabulary slice), targets counted from the first of them; both
     tensors' rows start ``offset`` elements after their pointers (as in :func:`row_stats_kernel`).
+    With a logit scale or softcap (TRANSFORM) the formula sees the transformed logits and the
+    result is multiplied by the transform's slope (the chain rule).
 
     A row is written as: a head (ALIGN > 1, see :func:`_aligned_row`; logits and gradient rows
     share their shift), blocks up to its last whole 16-byte vector, and the last partial
@@ -257,23 +310,26 @@ def logits_grad_kernel(
     p_scale = 1.0 + 2.0 * _joined(z_hi, z_lo, ACC_DTYPE) * lse
     smooth = label_smoothing / vocab_size
     length = n_cols + shift  # positions from the row pointers: column = position - shift
+    scale = _joined(scale_hi, scale_lo, ACC_DTYPE)
+    cap = _joined(cap_hi, cap_lo, ACC_DTYPE)
     if selected:  # uniform branch: unselected rows only store zeros
         _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
-                  BLOCK_V, ACC_DTYPE, ALIGN, True)
+                  scale, cap, BLOCK_V, ACC_DTYPE, ALIGN, TRANSFORM, True)
     else:
         _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
-                  BLOCK_V, ACC_DTYPE, ALIGN, False)
+                  scale, cap, BLOCK_V, ACC_DTYPE, ALIGN, TRANSFORM, False)
 
 
 @triton.jit
-def _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing,
-              BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, ALIGN: tl.constexpr, SELECTED: tl.constexpr):
+def _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale, smooth, label_smoothing, scale, cap,
+              BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, ALIGN: tl.constexpr, TRANSFORM: tl.constexpr,
+              SELECTED: tl.constexpr):
     """One row's positions [shift, length): the head (ALIGN > 1), blocks up to the last whole
     vector (masked, but in whole vectors), and the last partial vector (ALIGN > 1)."""
     if ALIGN > 1:
         head = tl.arange(0, ALIGN)
         _grad_piece(in_ptr, out_ptr, head, (head >= shift) & (head < length), target, lse, coef, p_scale, smooth,
-                    label_smoothing, ACC_DTYPE, SELECTED)
+                    label_smoothing, scale, cap, ACC_DTYPE, TRANSFORM, SELECTED)
         vectors_end = tl.maximum((length // ALIGN) * ALIGN, first)
     else:
         vectors_end = length
@@ -281,21 +337,23 @@ def _grad_row(in_ptr, out_ptr, length, first, shift, target, lse, coef, p_scale,
     for start in range(first, vectors_end, BLOCK_V):
         offs = start + cols
         _grad_piece(in_ptr, out_ptr, offs, offs < vectors_end, target, lse, coef, p_scale, smooth, label_smoothing,
-                    ACC_DTYPE, SELECTED)
+                    scale, cap, ACC_DTYPE, TRANSFORM, SELECTED)
     if ALIGN > 1:
         last = vectors_end + tl.arange(0, ALIGN)
         _grad_piece(in_ptr, out_ptr, last, last < length, target, lse, coef, p_scale, smooth, label_smoothing,
-                    ACC_DTYPE, SELECTED)
+                    scale, cap, ACC_DTYPE, TRANSFORM, SELECTED)
 
 
 @triton.jit
-def _grad_piece(in_ptr, out_ptr, offs, mask, target, lse, coef, p_scale, smooth, label_smoothing,
-                ACC_DTYPE: tl.constexpr, SELECTED: tl.constexpr):
+def _grad_piece(in_ptr, out_ptr, offs, mask, target, lse, coef, p_scale, smooth, label_smoothing, scale, cap,
+                ACC_DTYPE: tl.constexpr, TRANSFORM: tl.constexpr, SELECTED: tl.constexpr):
     """The gradient at one row's positions ``offs`` where ``mask``; zeros on an unselected row
     (not SELECTED), whose logits are not read."""
     if SELECTED:
-        x = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = _transform(tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), scale, cap, TRANSFORM)
         g = tl.exp(x - lse) * p_scale - smooth - tl.where(offs == target, 1.0 - label_smoothing, 0.0)
+        if TRANSFORM > 0:
+            g = g * _transform_slope(x, scale, cap, TRANSFORM)
         value = coef * g
     else:
         value = tl.zeros(offs.shape, ACC_DTYPE)
@@ -303,26 +361,10 @@ def _grad_piece(in_ptr, out_ptr, offs, mask, target, lse, coef, p_scale, smooth,
 
 
 @triton.jit
-def select_topk_kernel(
-    stats_ptr, valid_ptr, ratio_ptr, ratio_hi, ratio_lo,
-    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
-    STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr,
-    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
-):
-    """The whole ``topk`` selection and reduction in one program (float32 statistics): k from
-    the valid count, the k-th hardest score by a 4-pass radix select on its bits, ties to the
-    lower row index, then mask, weight, coefficient and loss. Replaces a few dozen small
-    PyTorch ops, whose launches cost the host more than this costs the GPU.
-
-    Scores lie in [0, 1] (NaN ranks hardest), so their float32 bits order like the numbers.
-    REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
-    walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
-    kept in registers."""
+def _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR: tl.constexpr, CHUNK: tl.constexpr):
+    """(n_valid, k, ratio): the valid count, k = min(n_valid, max(1, ceil(ratio * n_valid - 1e-6)))
+    in float64, and the ratio (float64: read from ``ratio_ptr``, or the bits of a Python float)."""
     cols = tl.arange(0, CHUNK)
-    if ONE_STEP:
-        first_key, first_valid = _topk_key(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
-    else:  # never read: every step loads its own keys
-        first_key, first_valid = cols, cols < 0
     n_valid = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
@@ -330,12 +372,36 @@ def select_topk_kernel(
     if RATIO_FROM_PTR:
         ratio = tl.load(ratio_ptr).to(tl.float64)
     else:
-        ratio = _joined(ratio_hi, ratio_lo, tl.float64)
-    # k = min(n_valid, max(1, ceil(ratio * n_valid - 1e-6))), the ceiling without libdevice
+        ratio = ratio_bits.to(tl.float64, bitcast=True)
     wanted = n_valid.to(tl.float64) * ratio - 1e-6
-    k = wanted.to(tl.int64)
+    k = wanted.to(tl.int64)  # the ceiling without libdevice
     k = k + (k.to(tl.float64) < wanted).to(tl.int64)
-    k = tl.minimum(tl.maximum(k, 1), n_valid)
+    return n_valid, tl.minimum(tl.maximum(k, 1), n_valid), ratio
+
+
+@triton.jit
+def select_topk_kernel(
+    keys_ptr, stats_ptr, valid_ptr, ratio_ptr, ratio_bits,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
+    KEY_STRIDE: tl.constexpr, KEYS_ARE_SCORES: tl.constexpr, STATS_WIDTH: tl.constexpr, LOSS_COL: tl.constexpr,
+    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
+):
+    """The k rows of largest key, ties to the lower row index, and the reduction, in one program:
+    k from the valid count, the k-th largest key by a 4-pass radix select on its bits, then
+    mask, weight, coefficient and loss. Replaces a few dozen small PyTorch ops, whose launches
+    cost the host more than this costs the GPU.
+
+    The keys are the float32 scores (``topk``; in [0, 1], NaN ranked as +inf, so their bits
+    order like the numbers) or non-negative int32 random keys (``random``), ``KEY_STRIDE``
+    apart. REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
+    walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
+    kept in registers."""
+    cols = tl.arange(0, CHUNK)
+    if ONE_STEP:
+        first_key, first_valid = _topk_key(keys_ptr, valid_ptr, cols, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
+    else:  # never read: every step loads its own keys
+        first_key, first_valid = cols, cols < 0
+    n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
 
     bins = tl.arange(0, 256)
     # prefix: the high bits of the k-th largest key found so far; remaining: rows still to place
@@ -350,8 +416,8 @@ def select_topk_kernel(
             shift = 24 - 8 * digit_index
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, n_rows, CHUNK):
-                key, valid = _step_keys(first_key, first_valid, stats_ptr, valid_ptr, start + cols, n_rows,
-                                        STATS_WIDTH, SCORE_COL, ONE_STEP)
+                key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, start + cols, n_rows,
+                                        KEY_STRIDE, KEYS_ARE_SCORES, ONE_STEP)
                 if digit_index > 0:
                     valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
@@ -370,8 +436,8 @@ def select_topk_kernel(
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
         in_range = offs < n_rows
-        key, valid = _step_keys(first_key, first_valid, stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL,
-                                ONE_STEP)
+        key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE,
+                                KEYS_ARE_SCORES, ONE_STEP)
         tie = valid & (key == prefix)
         tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
         chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
@@ -391,24 +457,143 @@ def select_topk_kernel(
 
 
 @triton.jit
-def _step_keys(first_key, first_valid, stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr,
-               SCORE_COL: tl.constexpr, ONE_STEP: tl.constexpr):
+def _step_keys(first_key, first_valid, keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr,
+               KEYS_ARE_SCORES: tl.constexpr, ONE_STEP: tl.constexpr):
     """The keys of rows ``offs``: those read at the start when there is one step only."""
     if ONE_STEP:
         key, valid = first_key, first_valid
     else:
-        key, valid = _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+        key, valid = _topk_key(keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
     return key, valid
 
 
 @triton.jit
-def _topk_key(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr):
-    """(int32 bits of the score, NaN as +inf and -0.0 as 0, and validity) of rows ``offs``."""
+def _topk_key(keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr, KEYS_ARE_SCORES: tl.constexpr):
+    """(int32 key, validity) of rows ``offs``: a score's bits (NaN as +inf, -0.0 as 0), or the
+    int32 key itself."""
     in_range = offs < n_rows
     valid = (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0) & in_range
-    score = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + SCORE_COL, mask=in_range, other=0.0) + 0.0
-    score = tl.where(score != score, float("inf"), score)
-    return score.to(tl.int32, bitcast=True), valid
+    if KEYS_ARE_SCORES:
+        score = tl.load(keys_ptr + offs.to(tl.int64) * KEY_STRIDE, mask=in_range, other=0.0) + 0.0
+        score = tl.where(score != score, float("inf"), score)
+        key = score.to(tl.int32, bitcast=True)
+    else:
+        key = tl.load(keys_ptr + offs.to(tl.int64) * KEY_STRIDE, mask=in_range, other=0)
+    return key, valid
+
+
+@triton.jit
+def _importance_score(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr):
+    """(float64 score of rows ``offs``: NaN as 1, at least 1e-6, 0 where invalid; validity)."""
+    in_range = offs < n_rows
+    valid = (tl.load(valid_ptr + offs, mask=in_range, other=0) != 0) & in_range
+    score = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + SCORE_COL, mask=in_range, other=0.0)
+    score = tl.where(score != score, 1.0, score).to(tl.float64)
+    return tl.where(valid, tl.maximum(score, 1e-6), 0.0), valid
+
+
+@triton.jit
+def _importance_sums(first_s, first_valid, stats_ptr, valid_ptr, n_rows, c, pi_min,
+                     STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, CHUNK: tl.constexpr,
+                     ONE_STEP: tl.constexpr):
+    """(sum of clamp(c s, pi_min, 1), rows at 1, rows at pi_min, sum of the others' s) over valid rows."""
+    cols = tl.arange(0, CHUNK)
+    total = tl.sum(tl.zeros((CHUNK,), tl.float64), 0)
+    middle = total
+    n_top = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    n_floor = n_top
+    for start in range(0, n_rows, CHUNK):
+        if ONE_STEP:
+            s, valid = first_s, first_valid
+        else:
+            s, valid = _importance_score(stats_ptr, valid_ptr, start + cols, n_rows, STATS_WIDTH, SCORE_COL)
+        raw = c * s
+        top = valid & (raw >= 1.0)
+        floor = valid & (raw <= pi_min) & ~top
+        total += tl.sum(tl.where(valid, tl.minimum(tl.maximum(raw, pi_min), 1.0), 0.0), 0)
+        n_top += tl.sum(top.to(tl.int64), 0)
+        n_floor += tl.sum(floor.to(tl.int64), 0)
+        middle += tl.sum(tl.where(valid & ~top & ~floor, s, 0.0), 0)
+    return total, n_top, n_floor, middle
+
+
+@triton.jit
+def select_importance_kernel(
+    stats_ptr, valid_ptr, ratio_ptr, ratio_bits, u_ptr,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
+    STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr,
+    RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
+    ITERATIONS: tl.constexpr,
+):
+    """The whole ``importance`` selection and reduction in one program (float32 statistics):
+    pi_i = clamp(c s_i, pi_min, 1) with sum pi = k, then systematic sampling with the uniform
+    ``u_ptr[0]`` and weights 1 / pi (cggr.selection.importance_probabilities and
+    systematic_sample compute the same in PyTorch ops).
+
+    c is bracketed by bisection of log c over [2**-80, 2**21] (ITERATIONS halvings, the midpoint
+    a geometric mean), then solved exactly on the bracket's clamping pattern, where sum pi is
+    linear in c. Sums are float64. ``counts`` receives (n_valid, n_selected)."""
+    cols = tl.arange(0, CHUNK)
+    if ONE_STEP:
+        first_s, first_valid = _importance_score(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
+    else:  # never read
+        first_s, first_valid = cols.to(tl.float64), cols < 0
+    n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
+    pi_min = 0.05 * ratio
+    kf = k.to(tl.float64)
+    c = tl.sum(tl.zeros((CHUNK,), tl.float64), 0) + 1.0
+    if k < n_valid:
+        lo = c * 8.271806125530277e-25  # 2**-80
+        hi = c * 2097152.0  # 2**21: every score of at least 1e-6 gives pi = 1
+        for _ in range(ITERATIONS):
+            mid = tl.sqrt(lo * hi)
+            total, _n_top, _n_floor, _middle = _importance_sums(
+                first_s, first_valid, stats_ptr, valid_ptr, n_rows, mid, pi_min, STATS_WIDTH, SCORE_COL, CHUNK,
+                ONE_STEP)
+            below = total < kf
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        c = tl.sqrt(lo * hi)
+        _total, n_top, n_floor, middle = _importance_sums(
+            first_s, first_valid, stats_ptr, valid_ptr, n_rows, c, pi_min, STATS_WIDTH, SCORE_COL, CHUNK, ONE_STEP)
+        solved = (kf - n_top.to(tl.float64) - pi_min * n_floor.to(tl.float64)) / middle
+        c = tl.where(middle > 0.0, tl.minimum(tl.maximum(solved, lo), hi), c)
+
+    u = tl.load(u_ptr)
+    if REDUCTION == 0:
+        scale = 1.0 / tl.maximum(n_valid, 1).to(tl.float64)
+    else:
+        scale = tl.sum(tl.zeros((CHUNK,), tl.float64), 0) + 1.0
+    carry = tl.sum(tl.zeros((CHUNK,), tl.float64), 0)
+    total_loss = carry
+    n_selected = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    for start in range(0, n_rows, CHUNK):
+        offs = start + cols
+        in_range = offs < n_rows
+        if ONE_STEP:
+            s, valid = first_s, first_valid
+        else:
+            s, valid = _importance_score(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH, SCORE_COL)
+        pi = tl.minimum(tl.maximum(c * s, pi_min), 1.0)
+        pi = tl.where(valid, tl.where(k >= n_valid, 1.0, pi), 0.0)
+        running = carry + tl.cumsum(pi, 0)
+        before = running - pi
+        # C + u >= 0, so truncation is the floor.
+        chosen = valid & ((pi >= 1.0) | ((running + u).to(tl.int64) > (before + u).to(tl.int64)))
+        carry += tl.sum(pi, 0)
+        weight = tl.where(chosen, 1.0 / tl.maximum(pi, 1e-30), 0.0)
+        row_loss = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
+        weighted = tl.where(chosen, weight * row_loss.to(tl.float64), 0.0)
+        total_loss += tl.sum(weighted, 0)
+        n_selected += tl.sum(chosen.to(tl.int64), 0)
+        tl.store(mask_ptr + offs, chosen, mask=in_range)
+        tl.store(weight_ptr + offs, weight.to(tl.float32), mask=in_range)
+        tl.store(coef_ptr + offs, (weight * scale).to(tl.float32), mask=in_range)
+        if REDUCTION == 2:
+            tl.store(row_loss_ptr + offs, weighted.to(tl.float32), mask=in_range)
+    tl.store(loss_ptr, (total_loss * scale).to(tl.float32))
+    tl.store(counts_ptr, n_valid)
+    tl.store(counts_ptr + 1, n_selected)
 
 
 @triton.jit
