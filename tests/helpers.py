@@ -50,3 +50,11 @@ def assert_backends_agree(result, reference, tol, grad_tol):
         scale = want[finite].abs().max().clamp(min=1e-30)
         assert ((got - want)[finite].abs().max() / scale).item() <= grad_tol
     assert (grad[~info.mask] == 0).all()
+
+
+def scoring_options(scoring, targets, seed=0):
+    """``scoring=...`` plus, for ``'excess'``, a random reference loss shaped like ``targets``."""
+    if scoring != "excess":
+        return {"scoring": scoring}
+    g = torch.Generator().manual_seed(seed)
+    return {"scoring": scoring, "reference_loss": torch.rand(targets.shape, generator=g, dtype=torch.float64) * 3}

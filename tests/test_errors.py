@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md §8 raises before any work, naming the argument."""
+"""Every bad input raises before any work, naming the argument (docs/semantics.md, "Errors")."""
 import pytest
 import torch
 

@@ -23,6 +23,8 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 def _pair(logits, targets, ratio, **kw):
     """Loss, grad and info from the Triton and the torch backend on the same GPU tensors."""
     out = []
+    if kw.get("scoring") == "excess":
+        kw["reference_loss"] = torch.rand(targets.shape, device=targets.device) * 3
     for backend in ("triton", "torch"):
         x = logits.detach().clone().requires_grad_(True)
         gen = torch.Generator(device="cuda").manual_seed(0) if "generator" in kw else None
@@ -165,11 +167,12 @@ def test_every_strategy_without_host_sync(scoring, selection):
     assert_backends_agree(triton_result, torch_result, 1e-4, 2e-2)
     x = logits.clone().requires_grad_(True)
     gen = torch.Generator(device="cuda").manual_seed(3)
+    reference = torch.rand(targets.shape, device="cuda") if scoring == "excess" else None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss = cggr_cross_entropy(x, targets, 0.3, scoring=scoring, selection=selection, generator=gen,
-                                  check_targets=False)
+                                  check_targets=False, reference_loss=reference)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

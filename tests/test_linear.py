@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from cggr.core import LossOptions
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy
 from cggr.ops import autograd, get_backend
 from cggr.selection import SELECTIONS
@@ -54,15 +55,21 @@ def test_linear_matches_plain_path(backend, selection, reduction, ratio):
         torch.testing.assert_close(a, b)
 
 
+def _seeded():
+    """The same draws for the two paths compared (importance, the default, samples)."""
+    return torch.Generator().manual_seed(0)
+
+
 def test_linear_without_bias_float32_and_gradient_accumulation():
     hidden, weight, _, targets = _problem(torch.float32, bias=False, seed=1)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     for _ in range(2):  # weight.grad accumulates like any parameter's
-        cggr_linear_cross_entropy(h, w, targets, 0.5, chunk_size=7, fp32_grad_accumulation=True).backward()
+        cggr_linear_cross_entropy(h, w, targets, 0.5, chunk_size=7, fp32_grad_accumulation=True,
+                                  generator=_seeded()).backward()
     h2 = hidden.clone().requires_grad_(True)
     w2 = weight.clone().requires_grad_(True)
-    (2 * cggr_cross_entropy(h2 @ w2.T, targets, 0.5)).backward()
+    (2 * cggr_cross_entropy(h2 @ w2.T, targets, 0.5, generator=_seeded())).backward()
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-5)
 
@@ -73,11 +80,11 @@ def test_tied_weight_gets_both_gradients():
     tokens = torch.randint(0, vocab, (2, 7))
     targets = torch.randint(0, vocab, (2, 7))
     hidden = torch.tanh(embedding(tokens))
-    cggr_linear_cross_entropy(hidden, embedding.weight, targets, 0.5).backward()
+    cggr_linear_cross_entropy(hidden, embedding.weight, targets, 0.5, generator=_seeded()).backward()
     got = embedding.weight.grad.clone()
     embedding.weight.grad = None
     hidden = torch.tanh(embedding(tokens))
-    cggr_cross_entropy(hidden @ embedding.weight.T, targets, 0.5).backward()
+    cggr_cross_entropy(hidden @ embedding.weight.T, targets, 0.5, generator=_seeded()).backward()
     torch.testing.assert_close(got, embedding.weight.grad)
 
 
@@ -97,10 +104,10 @@ def test_linear_bf16_matches_plain_path(backend):
 
     def linear(h, w, b):
         return cggr_linear_cross_entropy(h, w, targets, 0.4, bias=b, chunk_size=6, backend=backend,
-                                         fp32_grad_accumulation=True)
+                                         fp32_grad_accumulation=True, generator=_seeded())
 
     def plain(h, w, b):
-        return cggr_cross_entropy(h @ w.T + b, targets, 0.4, backend=backend)
+        return cggr_cross_entropy(h @ w.T + b, targets, 0.4, backend=backend, generator=_seeded())
 
     loss_l, grads_l = _grads(linear, hidden, weight, bias)
     loss_p, grads_p = _grads(plain, hidden, weight, bias)
@@ -143,7 +150,8 @@ def test_weight_grad_in_place_accumulates_like_autograd(monkeypatch, backend, ra
         w.register_hook(lambda grad: hooks.append((grad.shape, grad.layout)))
         for upstream in (1.0, 2.5):  # the second step adds to the existing weight.grad
             loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=5, backend=backend,
-                                             label_smoothing=0.1, z_loss=1e-3, weight_grad_in_place=in_place)
+                                             label_smoothing=0.1, z_loss=1e-3, weight_grad_in_place=in_place,
+                                             generator=_seeded())
             (upstream * loss).backward()
         results[in_place] = (w.grad, h.grad, b.grad)
     returned, added = (weight.shape, torch.strided), (weight.shape, torch.sparse_coo)
@@ -165,9 +173,10 @@ def test_logits_grad_of_a_slice_of_columns(backend, start, stop):
     lse = torch.logsumexp(logits[0], dim=1)
     coef = torch.rand(6, generator=g, dtype=torch.float64)
     mask = torch.tensor([True, True, True, True, True, False])
-    full = impl.logits_grad(logits, targets, lse, coef, mask, 0.1, 1e-3)
+    opts = LossOptions(label_smoothing=0.1, z_loss=1e-3)
+    full = impl.logits_grad(logits, targets, lse, coef, mask, opts)
     part = logits[..., start:stop].clone()
-    got = impl.logits_grad(part, targets - start, lse, coef, mask, 0.1, 1e-3, out=part, vocab_size=40)
+    got = impl.logits_grad(part, targets - start, lse, coef, mask, opts, out=part, vocab_size=40)
     torch.testing.assert_close(got, full[..., start:stop])
 
 
@@ -180,7 +189,8 @@ def test_weight_grad_in_place_with_a_tied_weight():
     for in_place in (False, True):
         embedding.weight.grad = None
         hidden = torch.tanh(embedding(tokens))
-        cggr_linear_cross_entropy(hidden, embedding.weight, targets, 0.5, weight_grad_in_place=in_place).backward()
+        cggr_linear_cross_entropy(hidden, embedding.weight, targets, 0.5, weight_grad_in_place=in_place,
+                                  generator=_seeded()).backward()
         grads.append(embedding.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
 

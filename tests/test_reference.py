@@ -1,4 +1,4 @@
-"""The reference backend against F.cross_entropy, float64 autograd and SPEC.md §3-§6."""
+"""The reference backend against F.cross_entropy, float64 autograd and the formulas of docs/semantics.md."""
 import itertools
 import math
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cggr.functional import cggr_cross_entropy
 from cggr.scoring import SCORINGS
 from cggr.selection import SELECTIONS
-from helpers import loss_and_grad, make_batch
+from helpers import loss_and_grad, make_batch, scoring_options
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
 
@@ -32,7 +32,7 @@ def test_ratio_one_topk_equals_cross_entropy(dtype, reduction, smoothing, ignore
     expected_dtype = dtype if dtype != torch.bfloat16 else torch.float32
     assert loss.dtype == expected_dtype and grad.dtype == dtype
     if ignore_frac == 1.0 and reduction == "mean":
-        assert loss.item() == 0.0  # F.cross_entropy gives NaN here; SPEC.md §5 says 0
+        assert loss.item() == 0.0  # F.cross_entropy gives NaN here; an empty selection is 0
     else:
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=TOL[dtype], atol=TOL[dtype])
     tol = 1e-2 if dtype == torch.bfloat16 else TOL[dtype]
@@ -55,19 +55,19 @@ def test_gradcheck_selected_rows_and_zero_elsewhere(scoring, selection):
 
     def fn(x):
         gen = torch.Generator().manual_seed(5)  # same selection for every perturbed call
-        return cggr_cross_entropy(x, targets, 0.4, scoring=scoring, selection=selection, generator=gen,
-                                  label_smoothing=0.05, z_loss=1e-3)
+        return cggr_cross_entropy(x, targets, 0.4, selection=selection, generator=gen,
+                                  label_smoothing=0.05, z_loss=1e-3, **scoring_options(scoring, targets))
 
     x = logits.clone().requires_grad_(True)
     if selection != "importance":  # 1/pi moves with x but is stop-gradient: finite differences see it
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
     fn(x).backward()
     gen = torch.Generator().manual_seed(5)
-    _, info = cggr_cross_entropy(logits, targets, 0.4, scoring=scoring, selection=selection, generator=gen,
-                                 return_info=True)
+    _, info = cggr_cross_entropy(logits, targets, 0.4, selection=selection, generator=gen,
+                                 return_info=True, **scoring_options(scoring, targets))
     assert (x.grad[~info.mask] == 0).all()
     assert (x.grad[info.mask].abs().sum(-1) > 0).all()
-    # float64 autograd of SPEC.md §5 with the selection and weights held fixed.
+    # float64 autograd of the per-row loss with the selection and weights held fixed.
     y = logits.clone().requires_grad_(True)
     safe = targets.clamp(min=0)
     rows = (F.cross_entropy(y.flatten(0, 1), safe.flatten(), reduction="none", label_smoothing=0.05)
@@ -77,8 +77,8 @@ def test_gradcheck_selected_rows_and_zero_elsewhere(scoring, selection):
     torch.testing.assert_close(x.grad, y.grad)
 
 
-def _scores_by_hand(x, y, scoring):
-    """SPEC.md §3 written out for one row."""
+def _scores_by_hand(x, y, scoring, reference=None):
+    """The difficulty scores written out for one row."""
     p = torch.softmax(x, -1)
     top = p.topk(2).values
     entropy = -(p * torch.log(p)).sum()
@@ -86,6 +86,8 @@ def _scores_by_hand(x, y, scoring):
     margin = 1 - (top[0] - top[1])
     loss = 1 - p[y]
     onehot = F.one_hot(torch.tensor(y), x.numel()).double()
+    if scoring == "excess":
+        return 1 / (1 + torch.exp(torch.log(p[y]) + reference))
     return {"entropy": entropy_score, "margin": margin, "loss": loss,
             "combined": (entropy_score + margin + loss) / 3,
             "gradnorm": torch.linalg.vector_norm(p - onehot) / math.sqrt(2)}[scoring]
@@ -94,9 +96,11 @@ def _scores_by_hand(x, y, scoring):
 @pytest.mark.parametrize("scoring", SCORINGS)
 def test_difficulty_formulas(scoring):
     logits, targets = make_batch((8,), 11, torch.float64, ignore_frac=0.0, seed=3)
-    _, info = cggr_cross_entropy(logits, targets, 1.0, scoring=scoring, return_info=True)
+    options = scoring_options(scoring, targets)
+    _, info = cggr_cross_entropy(logits, targets, 1.0, return_info=True, **options)
     for i in range(8):
-        expected = _scores_by_hand(logits[i], int(targets[i]), scoring)
+        reference = options["reference_loss"][i] if scoring == "excess" else None
+        expected = _scores_by_hand(logits[i], int(targets[i]), scoring, reference)
         assert abs(info.difficulty[i].item() - expected.item()) < 1e-10
         assert 0.0 <= info.difficulty[i].item() <= 1.0
 
@@ -109,7 +113,7 @@ def test_equal_maxima_give_zero_margin():
 
 def test_info_fields_and_full_loss():
     logits, targets = make_batch((4, 5), 17, torch.float64, ignore_frac=0.3, seed=4)
-    loss, info = cggr_cross_entropy(logits, targets, 0.5, return_info=True)
+    loss, info = cggr_cross_entropy(logits, targets, 0.5, selection="topk", return_info=True)
     valid = targets != -100
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(4, 5)
     for name in ("mask", "weight", "difficulty", "confidence", "entropy", "nll"):
@@ -137,7 +141,7 @@ def test_nan_and_inf_rows_rank_hardest_and_give_nan():
     logits, targets = make_batch((12,), 6, ignore_frac=0.0, seed=6)
     logits[3, 2] = float("nan")
     logits[7, 1] = float("inf")
-    loss, grad, info = loss_and_grad(logits, targets, 0.2)  # k = 3
+    loss, grad, info = loss_and_grad(logits, targets, 0.2, selection="topk")  # k = 3
     assert info.mask[3] and info.mask[7]
     assert torch.isnan(loss)
     assert (grad[~info.mask] == 0).all()
@@ -159,7 +163,7 @@ def test_neg_inf_entries_are_legal():
        reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 10**6))
 def test_topk_mask_and_loss_against_a_sort(n, ratio, smoothing, reduction, seed):
     logits, targets = make_batch((n,), 6, torch.float64, ignore_frac=0.3, seed=seed)
-    loss, info = cggr_cross_entropy(logits, targets, ratio, scoring="loss", reduction=reduction,
+    loss, info = cggr_cross_entropy(logits, targets, ratio, scoring="loss", selection="topk", reduction=reduction,
                                     label_smoothing=smoothing, return_info=True)
     valid = targets != -100
     n_valid = int(valid.sum())

@@ -1,4 +1,4 @@
-"""Selection rules of SPEC.md §4, on the shared selection module and through the public API."""
+"""Selection rules (docs/semantics.md, "Selection"), on the shared selection module and through the public API."""
 import math
 
 import pytest
@@ -20,14 +20,14 @@ def test_token_budget(ratio, n, k):
 def test_ties_go_to_the_lower_index():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.5, 0.9, 0.1])
     valid = torch.tensor([True, True, True, True, True, True])
-    mask, _ = select_rows(scores, valid, 0.5)  # k = 3: both 0.9s, then the first 0.5
+    mask, _ = select_rows(scores, valid, 0.5, selection="topk")  # k = 3: both 0.9s, then the first 0.5
     assert mask.tolist() == [True, True, False, False, True, False]
 
 
 def test_nan_scores_rank_hardest_and_invalid_never_selected():
     scores = torch.tensor([0.2, float("nan"), 0.9, 0.95])
     valid = torch.tensor([True, True, True, False])
-    mask, _ = select_rows(scores, valid, 0.5)  # 3 valid -> k = 2
+    mask, _ = select_rows(scores, valid, 0.5, selection="topk")  # 3 valid -> k = 2
     assert mask.tolist() == [False, True, True, False]
 
 
@@ -156,5 +156,5 @@ def test_importance_is_unbiased():
     standard_error = estimates.std().item() / math.sqrt(len(estimates))
     assert abs(estimates.mean().item() - full) < 4 * standard_error
     # And a biased estimator (plain top-k) is far from it: the test can fail.
-    topk = cggr_cross_entropy(logits, targets, 0.2).item()
+    topk = cggr_cross_entropy(logits, targets, 0.2, selection="topk").item()
     assert abs(topk - full) > 4 * standard_error

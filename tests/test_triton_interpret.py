@@ -8,16 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cggr.core import LossOptions
 from cggr.functional import cggr_cross_entropy
 from cggr.scoring import SCORINGS
 from cggr.selection import SELECTIONS
-from helpers import assert_backends_agree, loss_and_grad, make_batch
+from helpers import assert_backends_agree, loss_and_grad, make_batch, scoring_options
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter run only")
 triton = pytest.importorskip("triton")
 
 def _compare(logits, targets, ratio, tol, **kw):
     """Loss, gradient and info of the two backends on ``logits`` (or on ``view(logits)``)."""
+    kw.update(scoring_options(kw.pop("scoring", "gradnorm"), targets))
     results = {}
     for backend in ("triton", "torch"):
         gen = torch.Generator().manual_seed(11)
@@ -108,9 +110,9 @@ def test_strided_rows_and_int32_targets(view):
 
 def test_inplace_backward_writes_into_logits():
     logits, targets = make_batch((4, 5), 21, torch.float32, seed=4)
-    _, expected, _ = loss_and_grad(logits, targets, 0.5, backend="triton")
+    _, expected, _ = loss_and_grad(logits, targets, 0.5, backend="triton", generator=torch.Generator().manual_seed(0))
     buffer = logits.clone().requires_grad_(True)
-    loss = cggr_cross_entropy(buffer, targets, 0.5, backend="triton", inplace_backward=True)
+    loss = cggr_cross_entropy(buffer, targets, 0.5, backend="triton", inplace_backward=True, generator=torch.Generator().manual_seed(0))
     loss.backward()
     torch.testing.assert_close(buffer.grad, expected)
     assert buffer.grad.data_ptr() == buffer.data_ptr() or torch.equal(buffer.detach(), expected)
@@ -121,9 +123,10 @@ def test_inplace_backward_writes_into_logits():
 def test_info_is_optional_work(backend):
     """Without return_info the info fields are never computed; loss and gradient are the same."""
     logits, targets = make_batch((3, 7), 50, torch.float32, seed=5)
-    expected_loss, expected_grad, _ = loss_and_grad(logits, targets, 0.3, backend=backend, label_smoothing=0.1)
+    expected_loss, expected_grad, _ = loss_and_grad(logits, targets, 0.3, backend=backend, label_smoothing=0.1,
+                                                    generator=torch.Generator().manual_seed(0))
     x = logits.clone().requires_grad_(True)
-    loss = cggr_cross_entropy(x, targets, 0.3, backend=backend, label_smoothing=0.1)
+    loss = cggr_cross_entropy(x, targets, 0.3, backend=backend, label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
     loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, expected_grad, rtol=0, atol=0)
@@ -138,7 +141,7 @@ def test_upstream_gradient_is_folded_in(upstream_shape):
     grads = []
     for backend in ("triton", "torch"):
         x = logits.clone().requires_grad_(True)
-        cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction).backward(upstream)
+        cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction, generator=torch.Generator().manual_seed(0)).backward(upstream)
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
@@ -237,22 +240,25 @@ def test_gradient_in_place_stays_inside_its_rows(monkeypatch, dtype, pad):
     coef = torch.rand(24, generator=g)
     mask = torch.rand(24, generator=g) < 0.6
     targets = targets.reshape(-1)
-    expected = reference.logits_grad(logits, targets, lse, coef, mask, 0.1, 1e-3)
-    triton_backend.logits_grad(rows, targets, lse, coef, mask, 0.1, 1e-3, out=rows)
+    opts = LossOptions(label_smoothing=0.1, z_loss=1e-3)
+    expected = reference.logits_grad(logits, targets, lse, coef, mask, opts)
+    triton_backend.logits_grad(rows, targets, lse, coef, mask, opts, out=rows)
     torch.testing.assert_close(rows, expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
     assert (buffer[..., vocab:] == 7.0).all()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 300), levels=st.integers(1, 6), ratio=st.floats(0.01, 1.0), device_ratio=st.booleans(),
        reduction=st.sampled_from(["mean", "sum", "none"]), invalid=st.floats(0.0, 1.0), nan=st.booleans(),
-       seed=st.integers(0, 999), chunk=st.sampled_from([None, 32]))
-def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan, seed,
-                                                       chunk):
-    """On the same statistics the Triton topk (radix select) and the PyTorch one (stable sort)
-    choose exactly the same rows, ties included, and reduce to the same loss; also when the
-    selection walks the rows in several steps (``chunk``), carrying the tie count across them."""
-    from cggr.core import LossOptions, _select_and_reduce_rows
+       seed=st.integers(0, 999), chunk=st.sampled_from([None, 32]),
+       selection=st.sampled_from(["topk", "random", "importance"]))
+def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan,
+                                                            seed, chunk, selection):
+    """On the same statistics (and the same generator) the one-program Triton selections and
+    the PyTorch ones choose exactly the same rows, ties included, with the same weights, and
+    reduce to the same loss; also when the selection walks the rows in several steps
+    (``chunk``), carrying tie counts and running sums across them."""
+    from cggr.core import _select_and_reduce_rows
     from cggr.ops import triton_backend
     from cggr.scoring import RowStats
 
@@ -267,8 +273,10 @@ def test_one_launch_topk_matches_the_pytorch_selection(n, levels, ratio, device_
     spec = torch.tensor(ratio, dtype=torch.float64) if device_ratio else ratio
     config = triton_backend.launch_config if chunk is None else _fixed_block(chunk)
     with mock.patch.object(triton_backend, "launch_config", config):
-        got = triton_backend.select_topk(stats, valid, spec, reduction)
-    want = _select_and_reduce_rows(stats, valid, spec, LossOptions(reduction=reduction), None)
+        got = triton_backend.select(stats, valid, spec, LossOptions(
+            selection=selection, reduction=reduction, generator=torch.Generator().manual_seed(seed)))
+    want = _select_and_reduce_rows(stats, valid, spec, LossOptions(
+        selection=selection, reduction=reduction, generator=torch.Generator().manual_seed(seed)), None)
     assert torch.equal(got[0], want[0])  # mask
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)

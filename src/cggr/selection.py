@@ -140,6 +140,8 @@ def importance_probabilities(scores, valid, k, n_valid, ratio) -> torch.Tensor:
     where it is linear: an exact solution with one sort and no loop.
     """
     dtype = torch.float64
+    if scores.numel() == 0:
+        return scores.new_zeros(0, dtype=dtype)
     s = torch.nan_to_num(scores.to(dtype), nan=1.0).clamp(min=_IMPORTANCE_MIN_SCORE)
     pi_min = 0.05 * ratio_tensor(ratio, scores.device)
     kf, n = k.to(dtype), n_valid.to(dtype)
