@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import cggr
 from cggr import CGGRLoss
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy
 
@@ -54,6 +55,31 @@ CASES = [
     ("module seq-aware", lambda l, t: CGGRLoss(selection="sequence_aware")(l[0], t[0]), ValueError,
      "sequence_aware"),
     ("module target", lambda l, t: CGGRLoss()(l, t + 5), ValueError, "targets"),
+    ("softcap 0", lambda l, t: cggr_cross_entropy(l, t, 0.5, logit_softcap=0.0), ValueError, "logit_softcap"),
+    ("softcap inf", lambda l, t: cggr_cross_entropy(l, t, 0.5, logit_softcap=float("inf")), ValueError,
+     "logit_softcap"),
+    ("softcap str", lambda l, t: cggr_cross_entropy(l, t, 0.5, logit_softcap="30"), ValueError, "logit_softcap"),
+    ("scale nan", lambda l, t: cggr_cross_entropy(l, t, 0.5, logit_scale=float("nan")), ValueError, "logit_scale"),
+    ("module scale", lambda l, t: CGGRLoss(logit_scale=float("inf")), ValueError, "logit_scale"),
+    ("excess without reference", lambda l, t: cggr_cross_entropy(l, t, 0.5, scoring="excess"), ValueError,
+     "reference_loss"),
+    ("reference without excess", lambda l, t: cggr_cross_entropy(l, t, 0.5, reference_loss=torch.zeros(2, 3)),
+     ValueError, "reference_loss"),
+    ("reference shape", lambda l, t: cggr_cross_entropy(l, t, 0.5, scoring="excess", reference_loss=torch.zeros(6)),
+     ValueError, "reference_loss"),
+    ("reference dtype", lambda l, t: cggr_cross_entropy(l, t, 0.5, scoring="excess", reference_loss=t), ValueError,
+     "reference_loss"),
+    ("reference device", lambda l, t: cggr_cross_entropy(l, t, 0.5, scoring="excess",
+                                                         reference_loss=torch.zeros(2, 3, device="meta")),
+     ValueError, "reference_loss"),
+    ("linear excess", lambda l, t: cggr_linear_cross_entropy(l, torch.randn(7, 5), t, 0.5, scoring="excess"),
+     ValueError, "reference_loss"),
+    ("module excess", lambda l, t: CGGRLoss(scoring="excess")(l, t), ValueError, "reference_loss"),
+    ("inplace expanded", lambda l, t: cggr_cross_entropy(l[:, :1].expand(2, 3, 5), t, 0.5, inplace_backward=True),
+     ValueError, "inplace_backward"),
+    ("curriculum ratio", lambda l, t: cggr.Curriculum(min_tokens_ratio=0.0), ValueError, "min_tokens_ratio"),
+    ("curriculum warmup", lambda l, t: cggr.Curriculum(warmup_steps=-2), ValueError, "warmup_steps"),
+    ("curriculum schedule", lambda l, t: cggr.Curriculum(schedule="step"), ValueError, "schedule"),
 ]
 
 

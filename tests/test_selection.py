@@ -158,3 +158,43 @@ def test_importance_is_unbiased():
     # And a biased estimator (plain top-k) is far from it: the test can fail.
     topk = cggr_cross_entropy(logits, targets, 0.2, selection="topk").item()
     assert abs(topk - full) > 4 * standard_error
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 200), ratio=st.floats(0.01, 1.0), seed=st.integers(0, 9999), ties=st.booleans())
+def test_importance_keeps_a_fixed_count(n, ratio, seed, ties):
+    """Systematic sampling keeps k rows, or k +- 1 where sum pi misses k by its tolerance."""
+    scores, valid = _random_scores(n, seed, ties=ties)
+    k = int(token_budget(ratio, valid.sum()))
+    for draw in range(5):
+        mask, weight = select_rows(scores, valid, ratio, selection="importance",
+                                   generator=torch.Generator().manual_seed(seed * 7 + draw))
+        assert abs(int(mask.sum()) - k) <= 1 and not (mask & ~valid).any()
+        assert (weight[~mask] == 0).all() and (weight[mask] >= 1).all()
+
+
+def test_systematic_sampling_by_hand():
+    from cggr.selection import systematic_sample
+
+    pi = torch.tensor([0.5, 0.25, 0.0, 0.75, 0.5], dtype=torch.float64)  # C = .5 .75 .75 1.5 2.0
+    assert systematic_sample(pi, torch.tensor(0.0, dtype=torch.float64)).tolist() == [False, False, False, True,
+                                                                                       True]
+    assert systematic_sample(pi, torch.tensor(0.6, dtype=torch.float64)).tolist() == [True, False, False, True,
+                                                                                       False]
+    assert systematic_sample(pi, torch.tensor(0.3, dtype=torch.float64)).tolist() == [False, True, False, False,
+                                                                                       True]
+
+
+def test_importance_inclusion_frequencies_are_the_probabilities():
+    scores, valid = _random_scores(40, 3)
+    k = token_budget(0.3, valid.sum())
+    pi = importance_probabilities(scores, valid, k, valid.sum(), 0.3)
+    counts = torch.zeros(40, dtype=torch.float64)
+    draws = 2000
+    for s in range(draws):
+        counts += select_rows(scores, valid, 0.3, selection="importance",
+                              generator=torch.Generator().manual_seed(s))[0]
+    frequency = counts / draws
+    # Binomial standard error at most 0.5 / sqrt(2000) ~ 0.011: 5 of them.
+    assert (frequency - pi).abs().max() < 0.056
+    assert (frequency[~valid] == 0).all()
