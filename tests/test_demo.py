@@ -16,7 +16,7 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out loss" in printed and "random (control)" in printed
     result = json.loads((out / "demo.json").read_text())
-    assert [row["arm"] for row in result["summary"]] == ["full loss", "CGGR combined/topk", "random (control)"]
+    assert [row["arm"] for row in result["summary"]] == ["full loss", "CGGR gradnorm/importance", "random (control)"]
     assert os.path.getsize(out / "demo.png") > 10_000
     full, cggr, control = result["summary"]
     assert full["tokens_carried_loss"] == full["tokens_seen"]
@@ -24,6 +24,29 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     assert cggr["tokens_carried_loss"] == control["tokens_carried_loss"]  # same schedule, same count
 
 
-def test_demo_rejects_a_bad_option(tmp_path):
-    with pytest.raises(ValueError, match="scoring"):
-        main(["demo", "--steps", "2", "--scoring", "nope", "--out", str(tmp_path)])
+@pytest.mark.parametrize("args,word", [
+    (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--steps", "x"], "--steps"),
+    (["--ratio", "0"], "--ratio"), (["--ratio", "1.5"], "--ratio"), (["--seeds", "0"], "--seeds"),
+    (["--scoring", "nope"], "--scoring"), (["--selection", "nope"], "--selection"),
+    (["--text", "TINY"], "at least 50 kB"), (["--text", "MISSING"], "cannot read"),
+])
+def test_demo_rejects_bad_values_with_exit_code_2(tmp_path, capsys, args, word):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a few words only\n\nand one more paragraph")
+    args = [{"TINY": str(tiny), "MISSING": str(tmp_path / "none.txt")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path / "out")] + args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert word in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_version_and_help_list_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "cggr " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "gradnorm" in text and "importance" in text and "stratified" in text

@@ -12,26 +12,61 @@ from typing import Dict, List, Optional
 import torch
 
 
+# The demo cuts its text into documents, holds every tenth out, and draws windows of up to
+# 129 tokens from each stream: below this much text there is not enough of either.
+MIN_TEXT_BYTES = 50_000
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .scoring import SCORINGS
+    from .selection import SELECTIONS
+
     parser = argparse.ArgumentParser(prog="cggr", description="Confidence-Gated Gradient Routing")
+    parser.add_argument("--version", action="version", version=f"cggr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small GPT with and without CGGR and compare")
-    demo.add_argument("--text", help="train on this UTF-8 text file instead of the built-in corpus")
-    demo.add_argument("--steps", type=int, help="optimizer steps per arm (default: 600 on CPU, 600 on GPU)")
-    demo.add_argument("--ratio", type=float, default=0.25, help="final share of tokens kept (default 0.25)")
-    demo.add_argument("--scoring", default="combined", help="difficulty score of the CGGR arm")
-    demo.add_argument("--selection", default="topk", help="selection of the CGGR arm")
+    demo = commands.add_parser("demo", help="train a small GPT with the full loss, CGGR and random selection")
+    demo.add_argument("--text", help=f"train on this UTF-8 text file (at least {MIN_TEXT_BYTES // 1000} kB) "
+                                     "instead of Python's built-in help text")
+    demo.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps per arm (default 600)")
+    demo.add_argument("--ratio", type=_ratio, default=0.25, help="final share of tokens kept (default 0.25)")
+    demo.add_argument("--scoring", default="gradnorm", choices=[s for s in SCORINGS if s != "excess"],
+                      help="difficulty score of the CGGR arm (default gradnorm)")
+    demo.add_argument("--selection", default="importance", choices=SELECTIONS,
+                      help="selection of the CGGR arm (default importance)")
     demo.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    demo.add_argument("--seeds", type=int, default=1, help="seeds per arm (same data order in every arm)")
+    demo.add_argument("--seeds", type=_positive_int, default=1, help="seeds per arm (same data order in every arm)")
     demo.add_argument("--out", default="cggr-demo", help="folder for the plot and JSON (default ./cggr-demo)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
-        run_demo(args)
+        try:
+            run_demo(args)
+        except DemoInputError as error:
+            parser.exit(2, f"cggr demo: error: {error}\n")
     return 0
+
+
+class DemoInputError(ValueError):
+    """A demo option or input file that cannot work; reported as one line, exit code 2."""
 
 
 def _defaults(device: torch.device) -> Dict:
@@ -44,26 +79,36 @@ def run_demo(args) -> Dict:
     from .demo.data import chunk_text, encode, pydoc_topics_text, split_held_out, train_tokenizer
     from .demo.model import GPTConfig
     from .demo.train import Arm, TrainConfig, fixed_batches, train_arm
-    from .functional import cggr_cross_entropy  # validate the CGGR options before any work
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cggr_cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), args.ratio, scoring=args.scoring,
-                       selection=args.selection if args.selection != "sequence_aware" else "topk")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise DemoInputError(f"--device: {error}") from None
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     d = _defaults(device)
-    steps = args.steps or d["steps"]
+    steps = args.steps
     began = time.perf_counter()
 
     if args.text:
-        with open(args.text, encoding="utf-8", errors="replace") as f:
-            source, text = args.text, f.read()
+        try:
+            with open(args.text, encoding="utf-8", errors="replace") as f:
+                source, text = args.text, f.read()
+        except OSError as error:
+            raise DemoInputError(f"--text: cannot read {args.text}: {error.strerror}") from None
+        if len(text.encode("utf-8")) < MIN_TEXT_BYTES:
+            raise DemoInputError(f"--text: the demo needs at least {MIN_TEXT_BYTES // 1000} kB of text "
+                                 f"(a few hundred paragraphs); {args.text} has {len(text.encode('utf-8')):,} bytes")
     else:
         source, text = "pydoc_data.topics (Python's built-in help text)", pydoc_topics_text()
     train_docs, held_out_docs = split_held_out(chunk_text(text, 200), 0.1)
     tokenizer = train_tokenizer(train_docs, d["vocab"])
     vocab = tokenizer.get_vocab_size()
     train_stream, held_out_stream = encode(tokenizer, train_docs), encode(tokenizer, held_out_docs)
+    if min(train_stream.numel(), held_out_stream.numel()) <= d["seq_len"] + 1:
+        raise DemoInputError(f"--text: too little text after tokenising ({train_stream.numel()} training and "
+                             f"{held_out_stream.numel()} held-out tokens; each needs more than {d['seq_len'] + 1}); "
+                             "use a longer file")
     model_config = GPTConfig(vocab_size=vocab, seq_len=d["seq_len"], n_layer=d["n_layer"], n_head=d["n_head"],
                              d_model=d["d_model"])
     config = TrainConfig(steps=steps, batch=d["batch"], lr=d["lr"], eval_every=max(1, steps // 12),

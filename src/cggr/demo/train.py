@@ -23,8 +23,8 @@ from .model import GPT, GPTConfig
 class Arm:
     name: str
     ratio: float = 1.0
-    scoring: str = "combined"
-    selection: str = "topk"
+    scoring: str = "gradnorm"
+    selection: str = "importance"
     full: bool = False  # the plain F.cross_entropy baseline
 
 
