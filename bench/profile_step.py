@@ -21,17 +21,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
 
 LOSS_CASES = [
-    (8192, 128256, dict(ratio=0.25, scoring="combined")),
-    (8192, 128256, dict(ratio=0.25, scoring="entropy")),
-    (8192, 128256, dict(ratio=1.0, scoring="combined")),
-    (8192, 32000, dict(ratio=0.25, scoring="combined")),
-    (8192, 32000, dict(ratio=1.0, scoring="combined")),
-    (4096, 128256, dict(ratio=0.25, scoring="combined")),
+    (8192, 128256, dict(ratio=0.25, selection="importance")),
+    (8192, 128256, dict(ratio=0.25, selection="topk")),
+    (8192, 128256, dict(ratio=0.25, selection="stratified")),
+    (8192, 128256, dict(ratio=1.0, selection="importance")),
+    (4096, 32000, dict(ratio=0.25, selection="importance")),
+    (4096, 32000, dict(ratio=0.25, selection="topk")),
+    (4096, 32000, dict(ratio=1.0, selection="importance")),
 ]
 LINEAR_CASES = [
-    (8192, 4096, 128256, dict(ratio=0.25)),
-    (8192, 4096, 128256, dict(ratio=1.0)),
-    (16384, 896, 151936, dict(ratio=0.25)),
+    (8192, 4096, 128256, dict(ratio=0.25, selection="importance")),
+    (8192, 4096, 128256, dict(ratio=1.0, selection="importance")),
+    (8192, 256, 16384, dict(ratio=0.25, selection="importance")),
+    (8192, 256, 16384, dict(ratio=1.0, selection="importance")),
 ]
 
 
@@ -65,7 +67,7 @@ def report(label, step, tiny_step):
     ms = do_bench(step, warmup=25, rep=200, return_mode="median")
     host = host_ms(tiny_step)
     gpu, count, top = kernel_profile(step)
-    print(f"{label:<44} bench {ms:6.3f}  host {host:6.3f}  gpu {gpu:6.3f} ms in {count:5.1f} kernels")
+    print(f"{label:<70} bench {ms:6.3f}  host {host:6.3f}  gpu {gpu:6.3f} ms in {count:5.1f} kernels")
     for name, t in top:
         print(f"      {t:7.3f}  {name}")
 
@@ -75,7 +77,7 @@ def loss_step(n, v, kw):
     t = torch.randint(0, v, (n,), device="cuda")
 
     def step():
-        cggr_cross_entropy(x, t, kw["ratio"], scoring=kw["scoring"], check_targets=False).backward()
+        cggr_cross_entropy(x, t, check_targets=False, **kw).backward()
         x.grad = None
     return step
 
@@ -86,7 +88,7 @@ def linear_step(n, h, v, kw):
     t = torch.randint(0, v, (n,), device="cuda")
 
     def step():
-        cggr_linear_cross_entropy(hidden, weight, t, kw["ratio"], check_targets=False).backward()
+        cggr_linear_cross_entropy(hidden, weight, t, check_targets=False, **kw).backward()
         hidden.grad = weight.grad = None
     return step
 
@@ -100,7 +102,8 @@ def entry_point_costs():
     x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, v, (n,), device="cuda")
     rows, valid = x.detach()[None], t != -100
-    stats = backend.row_stats(rows, t, valid, LossOptions())
+    opts = LossOptions()
+    stats = backend.row_stats(rows, t, valid, opts)
 
     def loss_step():
         cggr_cross_entropy(x, t, 0.25, check_targets=False).backward()
@@ -115,10 +118,9 @@ def entry_point_costs():
             cggr_cross_entropy(x, t, 0.25, check_targets=False)
 
     cases = [
-        ("statistics (_row_stats)", lambda: backend._row_stats(rows, t, valid, "combined", 0.0, 0.0)),
-        ("selection (select_topk)", lambda: backend.select_topk(stats, valid, 0.25, "mean")),
-        ("gradient (_new_logits_grad)", lambda: backend._new_logits_grad(rows, t, stats.lse, stats.lse, valid,
-                                                                         0.0, 0.0)),
+        ("statistics (row_stats)", lambda: backend.row_stats(rows, t, valid, opts)),
+        ("selection (select, importance)", lambda: backend.select(stats, valid, 0.25, opts)),
+        ("gradient (logits_grad)", lambda: backend.logits_grad(rows, t, stats.lse, stats.lse, valid, opts)),
         ("forward, no grad", forward_only),
         ("forward+backward", loss_step),
         ("forward+backward, one thread", loss_step_one_thread),
@@ -159,6 +161,12 @@ def main():
         host_profile(loss_step(8192, 256, LOSS_CASES[0][2]))
     for n, v, kw in LOSS_CASES:
         report(f"loss N={n} V={v} {kw}", loss_step(n, v, kw), loss_step(n, 256, kw))
+        if n == 4096 and v == 32000 and kw["ratio"] == 1.0:
+            compiled = torch.compile(torch.nn.functional.cross_entropy)
+            x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            t = torch.randint(0, v, (n,), device="cuda")
+            print(f"{'torch.compile(F.cross_entropy) ' + str((n, v)):<44} bench "
+                  f"{do_bench(lambda: compiled(x, t).backward(), warmup=25, rep=200, return_mode='median'):6.3f}")
         torch.cuda.empty_cache()
     if args.linear:
         for n, h, v, kw in LINEAR_CASES:
