@@ -38,6 +38,17 @@ class RowStats(NamedTuple):
         """Split an ``[N, 9]`` tensor (fields in declaration order) into a RowStats."""
         return cls(*columns.unbind(dim=1))
 
+    def columns(self) -> torch.Tensor:
+        """The ``[N, 9]`` tensor of the fields: the block they are views of where they are
+        (the Triton backend's), else a stacked copy."""
+        base = self.lse
+        width = len(self)
+        if base.dim() == 1 and base.stride(0) == width and all(
+                field.stride() == base.stride() and field.dtype == base.dtype
+                and field.data_ptr() == base.data_ptr() + i * base.element_size() for i, field in enumerate(self)):
+            return base.as_strided((base.shape[0], width), (width, 1))
+        return torch.stack(tuple(self), 1)
+
 
 def transform_logits(x: torch.Tensor, logit_scale: float, logit_softcap) -> torch.Tensor:
     """The logits every formula sees: ``x * logit_scale``, then ``c * tanh(x / c)`` for a

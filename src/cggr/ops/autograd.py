@@ -198,7 +198,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             logits = _project(hidden[rows], weight, bias)[None]
             chunk_ref = None if reference_loss is None else reference_loss[rows]
             chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
-            stats_parts.append(torch.stack(chunk_stats, 1))
+            stats_parts.append(chunk_stats.columns())
             if grads_now:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
                 coef = coef if denominator is None else coef / denominator
@@ -210,7 +210,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             del logits
         if not stats_parts:  # no rows at all
             stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
-        stats = RowStats.from_columns(torch.cat(stats_parts))
+        stats = RowStats.from_columns(stats_parts[0] if len(stats_parts) == 1 else torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
