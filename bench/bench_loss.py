@@ -138,7 +138,7 @@ def main():
                 if row["N"] == n and row["V"] == v and row["method"].startswith(f"cggr r={ratio}"):
                     row["floor_ms"] = floor
                     row["pct_of_floor"] = 100 * floor / row["ms"]
-        del logits
+        logits = targets = None  # freed before the next shape
         torch.cuda.empty_cache()
 
     print(f"\n{'N':>6} {'V':>7}  {'method':<40} {'ms':>8} {'extra GB':>9}  note")

@@ -2,13 +2,12 @@
 
 Run on an H100/H200: ``python -m pytest tests/test_gpu.py -q``.
 """
+import functools
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import functools
 
 import cggr
 from cggr import CGGRLoss

@@ -110,9 +110,11 @@ def test_strided_rows_and_int32_targets(view):
 
 def test_inplace_backward_writes_into_logits():
     logits, targets = make_batch((4, 5), 21, torch.float32, seed=4)
-    _, expected, _ = loss_and_grad(logits, targets, 0.5, backend="triton", generator=torch.Generator().manual_seed(0))
+    _, expected, _ = loss_and_grad(logits, targets, 0.5, backend="triton",
+                                   generator=torch.Generator().manual_seed(0))
     buffer = logits.clone().requires_grad_(True)
-    loss = cggr_cross_entropy(buffer, targets, 0.5, backend="triton", inplace_backward=True, generator=torch.Generator().manual_seed(0))
+    loss = cggr_cross_entropy(buffer, targets, 0.5, backend="triton", inplace_backward=True,
+                              generator=torch.Generator().manual_seed(0))
     loss.backward()
     torch.testing.assert_close(buffer.grad, expected)
     assert buffer.grad.data_ptr() == buffer.data_ptr() or torch.equal(buffer.detach(), expected)
@@ -126,7 +128,8 @@ def test_info_is_optional_work(backend):
     expected_loss, expected_grad, _ = loss_and_grad(logits, targets, 0.3, backend=backend, label_smoothing=0.1,
                                                     generator=torch.Generator().manual_seed(0))
     x = logits.clone().requires_grad_(True)
-    loss = cggr_cross_entropy(x, targets, 0.3, backend=backend, label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
+    loss = cggr_cross_entropy(x, targets, 0.3, backend=backend, label_smoothing=0.1,
+                              generator=torch.Generator().manual_seed(0))
     loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, expected_grad, rtol=0, atol=0)
@@ -141,7 +144,8 @@ def test_upstream_gradient_is_folded_in(upstream_shape):
     grads = []
     for backend in ("triton", "torch"):
         x = logits.clone().requires_grad_(True)
-        cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction, generator=torch.Generator().manual_seed(0)).backward(upstream)
+        cggr_cross_entropy(x, targets, 0.6, backend=backend, reduction=reduction,
+                           generator=torch.Generator().manual_seed(0)).backward(upstream)
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 

@@ -11,7 +11,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-
 # The demo cuts its text into documents, holds every tenth out, and draws windows of up to
 # 129 tokens from each stream: below this much text there is not enough of either.
 MIN_TEXT_BYTES = 50_000

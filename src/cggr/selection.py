@@ -5,7 +5,6 @@ All functions take flat ``[N]`` tensors: ``scores`` (float, NaN = hardest) and
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch

@@ -14,19 +14,24 @@ from typing import Optional
 import torch
 import triton
 
-from ..selection import random_keys
 from ..scoring import SCORINGS, RowStats, scoring_reads
+from ..selection import random_keys
 from . import reference, triton_interpreting
 from .launch import launch
 from .reference import compute_dtype
-from .triton_kernels import (logits_grad_kernel, row_stats_kernel, scale_kernel, select_importance_kernel,
-                             select_topk_kernel)
+from .triton_kernels import (
+    logits_grad_kernel,
+    row_stats_kernel,
+    scale_kernel,
+    select_importance_kernel,
+    select_topk_kernel,
+)
 
 _N_STATS = len(RowStats._fields)
 _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index("loss")
 
 
-# (block, num_warps) chosen with bench/tune_kernels.py (which overwrites entries to sweep them).
+# (block, num_warps) chosen with bench/probes/tune_kernels.py (which overwrites entries to sweep them).
 # The statistics kernel is short of instructions; with the extra accumulators of margin,
 # combined and gradnorm ("stats_extra") smaller blocks do better. With few rows ("stats_few",
 # fewer than _FEW_ROWS_PER_SM per SM, as in the linear path's chunks) one warp a row leaves the

@@ -6,7 +6,6 @@ selections over the statistics (``topk`` and ``random`` by radix select, ``impor
 import triton
 import triton.language as tl
 
-
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 

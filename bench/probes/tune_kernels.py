@@ -1,7 +1,7 @@
 """Sweep launch configurations of the two Triton kernels and profile one forward+backward.
 
-    python bench/tune_kernels.py [N V] [--stats-only]
-    python bench/tune_kernels.py --select
+    python bench/probes/tune_kernels.py [N V] [--stats-only]
+    python bench/probes/tune_kernels.py --select
 
 Prints the bandwidth each configuration reaches (bytes moved / median time) against the
 copy bandwidth, and the profiler's kernel table for cggr_cross_entropy at ratio 0.25.
@@ -13,10 +13,11 @@ import sys
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import copy_bandwidth_gbs  # noqa: E402
 

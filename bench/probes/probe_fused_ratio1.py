@@ -1,13 +1,13 @@
 """Probe: can a ratio-1 loss beat the three-pass byte floor by re-reading each row from L2?
 
-    python bench/probe_fused_ratio1.py [N V]
+    python bench/probes/probe_fused_ratio1.py [N V]
 
 At ratio 1 cggr reads the logits twice in two kernels (statistics, then gradient) and writes
 the gradient once: (2 + 1)·N·V·2 bytes. A kernel that reads a row twice in one program, the
 second time right after the first, may find part of the row still in L2. This minimal kernel
 (log-sum-exp, then the plain cross-entropy gradient; none of cggr's statistics) times that
 pattern for several block sizes and warp counts, against the floor and Liger's cross entropy
-when it is installed. A measurement for bench/NOTES.md, not library code. The kernel is
+when it is installed. A measurement for bench/probes/NOTES.md, not library code. The kernel is
 probe_fused_grad.py's with one program a row (steps 4 and 13 of the notes measured a variant
 that kept a running maximum per lane).
 """
@@ -17,9 +17,11 @@ import sys
 import torch
 from triton.testing import do_bench
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import copy_bandwidth_gbs  # noqa: E402
 from probe_fused_grad import lse_then_grad_kernel  # noqa: E402
+
+from _results import copy_bandwidth_gbs  # noqa: E402
 
 
 def main():

@@ -1,8 +1,8 @@
 """Rows whose start is not 16-byte aligned (V odd, or not a multiple of 8 in bf16), read
 shifted to 16-byte boundaries: the statistics pass and forward+backward against aligned
-neighbours of about the same size (bench/NOTES.md, steps 18 and 20).
+neighbours of about the same size (bench/probes/NOTES.md, steps 18 and 20).
 
-    python bench/probe_vocab.py [N]
+    python bench/probes/probe_vocab.py [N]
 
 Prints, per V and layout, the scoring pass's share of copy bandwidth and the forward+backward
 time at ratio 0.25 and 1.0 (bf16, combined), with Liger's cross entropy when importable.
@@ -16,11 +16,12 @@ import sys
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from cggr.core import LossOptions  # noqa: E402
 from cggr.functional import cggr_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import copy_bandwidth_gbs  # noqa: E402
 
@@ -54,7 +55,7 @@ def main():
             liger_ms = float("nan") if liger is None else do_bench(step(liger), return_mode="median")
             pct = 100 * n * v * 2 / stats_ms / 1e6 / bandwidth
             print(f"{v:>7} {layout:>10} {stats_ms:9.3f} {pct:7.1f} {times[0]:10.3f} {times[1]:9.3f} {liger_ms:9.3f}")
-            del x, xg
+            x = xg = None
             torch.cuda.empty_cache()
 
 

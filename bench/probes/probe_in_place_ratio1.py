@@ -1,7 +1,7 @@
 """Ratio 1 with ``weight_grad_in_place`` and the gradients kept: where its time goes against the
 plain path in the same setting (N=8192, H=4096, V=128256, bf16).
 
-    python bench/probe_in_place_ratio1.py
+    python bench/probes/probe_in_place_ratio1.py
 
 Per method: the do_bench median, the allocator's device mallocs and frees and retries during
 it (a cudaFree synchronises), the GPU kernel time per step from the profiler, and the
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from profile_step import kernel_profile  # noqa: E402

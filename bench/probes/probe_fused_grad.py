@@ -1,9 +1,9 @@
 """Can one kernel form a chunk's statistics and its gradient in place for less than the two
-passes of the linear path at ratio 1 (bench/NOTES.md, step 20)? The second read of a row
+passes of the linear path at ratio 1 (bench/probes/NOTES.md, step 20)? The second read of a row
 is free only if it still sits in L2, so the rows in flight must fit there: a persistent grid
 of a few programs per SM, each walking its rows one at a time.
 
-    python bench/probe_fused_grad.py [ROWS] [V]
+    python bench/probes/probe_fused_grad.py [ROWS] [V]
 
 Prints the time of cggr's statistics kernel followed by its gradient kernel (in place) and of
 a minimal fused kernel (log-sum-exp, then the gradient ``softmax - onehot``) per grid and
@@ -17,10 +17,11 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from cggr.core import LossOptions  # noqa: E402
 from cggr.ops import triton_backend  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import copy_bandwidth_gbs  # noqa: E402
 
@@ -78,7 +79,8 @@ def main():
         grid = n if per_sm is None else min(n, per_sm * sms)
         for warps in (4, 8, 16):
             for block in (2048, 4096, 8192):
-                fused = lambda: lse_then_grad_kernel[(grid,)](x, x, t, lse, n, v, 1.0, BLOCK=block, num_warps=warps)
+                def fused(block=block, warps=warps):
+                    lse_then_grad_kernel[(grid,)](x, x, t, lse, n, v, 1.0, BLOCK=block, num_warps=warps)
                 ms = do_bench(fused, return_mode="median")
                 label = "one a row" if per_sm is None else f"{per_sm}/SM"
                 print(f"{label:>9} {warps:>6} {block:>6} {ms:8.3f} {100 * moved / ms / 1e6 / bandwidth:18.0f}")
