@@ -167,3 +167,17 @@ def test_torch_compile_fullgraph_on_cpu():
         torch.testing.assert_close(got, expected)
         for a, b in zip(compiled, eager):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_token_loss_from_logits_and_hidden_states(backend):
+    g = torch.Generator().manual_seed(10)
+    hidden, weight = torch.randn(3, 5, 4, generator=g), torch.randn(17, 4, generator=g)
+    targets = torch.randint(0, 17, (3, 5), generator=g)
+    targets[0, :2] = -100
+    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="none").view(3, 5)
+    from_logits = cggr.reference_token_loss(hidden @ weight.T, targets, backend=backend)
+    from_hidden = cggr.reference_token_loss(hidden, targets, weight, chunk_size=4, backend=backend)
+    for got in (from_logits, from_hidden):
+        assert got.shape == targets.shape and not got.requires_grad
+        torch.testing.assert_close(got, expected)

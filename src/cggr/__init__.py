@@ -4,12 +4,12 @@ Score every token's difficulty from the model's own prediction, keep only a chos
 fraction of the tokens in the cross-entropy loss, and compute the gradient only there.
 """
 from . import functional
-from .functional import cggr_cross_entropy, cggr_linear_cross_entropy
+from .functional import cggr_cross_entropy, cggr_linear_cross_entropy, reference_token_loss
 from .info import CGGRInfo
 from .loss import CGGRLoss
 from .schedule import Curriculum
 
-__version__ = "0.1.0"
+__version__ = "0.6.0.dev0"
 
 __all__ = ["CGGRInfo", "CGGRLoss", "Curriculum", "cggr_cross_entropy", "cggr_linear_cross_entropy", "functional",
-           "__version__"]
+           "reference_token_loss", "__version__"]

@@ -13,7 +13,7 @@ from .ops import get_backend
 from .ops.autograd import cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
 from .schedule import Curriculum
 
-__all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy"]
+__all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy", "reference_token_loss"]
 
 LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
 Ratio = Union[float, torch.Tensor, Curriculum]
@@ -152,6 +152,34 @@ def cggr_linear_cross_entropy(
     ratio = resolve_ratio(ratio, hidden.device)
     return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
                                     return_info, chunk_size, weight_grad, reference_loss)
+
+
+@torch.no_grad()
+def reference_token_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Each token's loss under a reference model: the ``reference_loss`` of ``scoring='excess'``.
+
+    ``inputs`` are the reference model's logits ``[..., V]``, or, with ``weight`` ``[V, H]`` (and
+    ``bias``), its final hidden states ``[..., H]``: then the logits are formed a chunk of rows at
+    a time (``chunk_size``), never all at once. Returns float32 (float64 for float64 inputs)
+    shaped like ``targets``, 0 on ``ignore_index`` rows; no gradient. Precompute it over a data
+    set, or call it on the fly next to the training model.
+    """
+    kw = dict(selection="topk", scoring="loss", reduction="none", ignore_index=ignore_index,
+              logit_scale=logit_scale, logit_softcap=logit_softcap, backend=backend)
+    if weight is None:
+        return cggr_cross_entropy(inputs, targets, 1.0, **kw)
+    return cggr_linear_cross_entropy(inputs, weight, targets, 1.0, bias, chunk_size=chunk_size, **kw)
 
 
 def _autocast(hidden, weight, bias):

@@ -40,10 +40,11 @@ class RowStats(NamedTuple):
 
     def columns(self) -> torch.Tensor:
         """The ``[N, 9]`` tensor of the fields: the block they are views of where they are
-        (the Triton backend's), else a stacked copy."""
+        (the Triton backend's, in eager mode: torch.compile cannot compare pointers), else a
+        stacked copy."""
         base = self.lse
         width = len(self)
-        if base.dim() == 1 and base.stride(0) == width and all(
+        if not torch.compiler.is_compiling() and base.stride(0) == width and all(
                 field.stride() == base.stride() and field.dtype == base.dtype
                 and field.data_ptr() == base.data_ptr() + i * base.element_size() for i, field in enumerate(self)):
             return base.as_strided((base.shape[0], width), (width, 1))
