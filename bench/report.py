@@ -1,7 +1,11 @@
-"""Markdown tables for the README from the JSON files under bench/results/.
+"""bench/README.md, built from the JSON files under bench/results/.
 
-    python bench/report.py
+    python bench/report.py            # print it
+    python bench/report.py --write    # write bench/README.md
 """
+import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -9,12 +13,38 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from _results import loss_row_note  # noqa: E402
 
-HERE = os.path.join(os.path.dirname(__file__), "results")
+HERE = os.path.dirname(__file__)
+RESULTS = os.path.join(HERE, "results")
+
+INTRO = """# Benchmarks
+
+Every number here comes from a JSON file in `results/`, which records the device, the package
+versions, the shapes, median times, peak memory and the exact command. This page is generated
+from them by `python bench/report.py --write`; the project README quotes the headline rows.
+
+- `python bench/bench_loss.py [--quick] [--cggr05 DIR]`: forward+backward of the loss on given
+  logits (bf16 `randn * 2`, 10% of the targets ignored): every selection at ratio 0.25, each
+  scoring with `topk`, `CGGRLoss`, ratio 1, the in-place backward, `F.cross_entropy` eager and
+  compiled, and Liger-Kernel when it is installed.
+- `python bench/bench_linear.py [--kept] [--held]`: the LM head plus the loss, gradients to
+  hidden and weight, against `hidden @ W.T` + `F.cross_entropy`, and Liger's and
+  cut-cross-entropy's fused losses when installed.
+- `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
+  time of one call, kernel by kernel.
+- `python bench/quality.py --ratios 0.25`, then `--summarise FILES`: held-out loss of a small GPT
+  trained from scratch with each selection against a random-selection control (paired seeds,
+  95% intervals).
+
+`probes/` holds one-off measurements behind design decisions and `probes/NOTES.md`, the log of the
+performance work (each change, its prediction and what it did). Files whose name ends in `_H100`
+and the quality runs were measured on an earlier version of the library (before fixed-count
+importance sampling and the gradnorm default); their commands are in each file.
+"""
 
 
-def loss_table(path):
-    data = json.load(open(path))
-    lines = [f"`{data['command']}` on {data['device']} (copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s), "
+def loss_table(data):
+    lines = [f"`{data['command']}` on {data['device']} (copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s, "
+             f"torch {data['versions'].get('torch')}, triton {data['versions'].get('triton')}, {data['date']}), "
              f"{data['dtype']}, forward+backward, median ms / peak extra GB:", "",
              "| N | V | method | ms | extra GB | note |", "|---|---|---|---|---|---|"]
     for row in data["rows"]:
@@ -24,10 +54,10 @@ def loss_table(path):
     return "\n".join(lines)
 
 
-def linear_table(path):
-    data = json.load(open(path))
-    lines = [f"`{data['command']}` on {data['device']}, {data['dtype']}, forward+backward (grads of hidden and "
-             "weight), median ms / peak extra GB:", "",
+def linear_table(data):
+    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
+             f"{data.get('date', '')}), {data['dtype']}, forward+backward (gradients of hidden and weight), "
+             "median ms / peak extra GB:", "",
              "| N | H | V | method | grads kept | ms | extra GB |", "|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
         kept = "yes" if row.get("grads_kept") else "no"
@@ -36,10 +66,56 @@ def linear_table(path):
     return "\n".join(lines)
 
 
+def quality_table(paths):
+    from quality import summarise
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = summarise(paths)
+    meta = json.load(open(paths[0]))
+    lines = [f"{meta['device']}, torch {meta['torch']}; `{meta['command']}` and the other files listed; a "
+             f"{meta['model'].get('n_layer')}-layer, {meta['model'].get('d_model')}-wide GPT with a "
+             f"{meta['vocab_size']}-token vocabulary trained from scratch on the Python standard library's "
+             f"sources ({meta['corpus_files']} files), {meta['train'].get('steps')} steps, "
+             f"{len({r['seed'] for r in meta['runs']})} seeds. Held-out loss over all tokens; the difference "
+             "with `random` at the same ratio is paired by seed (95% t interval).", "",
+             "| arm | held-out loss | vs random (95% CI) | frequent tokens | rare tokens | tokens with loss "
+             "| step ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["arm"].startswith("random"):
+            diff = "control"
+        elif "diff_vs_random" in r:
+            diff = f"{r['diff_vs_random']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        else:
+            diff = ""
+        lines.append(f"| {r['arm']} | {r['loss']:.3f} | {diff} | {r['loss_frequent']:.3f} | {r['loss_rare']:.3f} | "
+                     f"{r['tokens_with_loss']:.0%} | {r['step_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def build() -> str:
+    parts = [INTRO]
+    names = sorted(os.listdir(RESULTS))
+    sections = (("## Loss on given logits", "loss_", loss_table), ("## LM head plus loss", "linear_", linear_table))
+    for title, prefix, table in sections:
+        parts.append(title)
+        for name in names:
+            if name.startswith(prefix) and name.endswith(".json"):
+                parts.append(f"### `results/{name}`\n\n" + table(json.load(open(os.path.join(RESULTS, name)))))
+    quality = [os.path.join(RESULTS, n) for n in names if n.startswith("quality_") and n.endswith(".json")]
+    if quality:
+        parts.append("## Quality\n\n" + quality_table(quality))
+        pictures = [n for n in names if n.startswith("quality_") and n.endswith(".png")]
+        parts.extend(f"![held-out loss by step](results/{n})" for n in pictures)
+    return "\n\n".join(parts) + "\n"
+
+
 if __name__ == "__main__":
-    for name in sorted(os.listdir(HERE)):
-        path = os.path.join(HERE, name)
-        if name.startswith("loss_") and name.endswith(".json"):
-            print(loss_table(path), "\n")
-        elif name.startswith("linear_") and name.endswith(".json"):
-            print(linear_table(path), "\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--write", action="store_true", help="write bench/README.md instead of printing")
+    text = build()
+    if parser.parse_args().write:
+        with open(os.path.join(HERE, "README.md"), "w") as f:
+            f.write(text)
+    else:
+        print(text)
