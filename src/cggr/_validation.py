@@ -40,9 +40,11 @@ def check_finite_float(name: str, value, *, positive: bool = False) -> float:
 
 
 def make_options(
-    *, scoring, selection, ignore_index, reduction, label_smoothing, z_loss, num_strata,
-    min_tokens_per_sequence, generator, inplace_backward, logit_scale=1.0, logit_softcap=None,
+    *, scoring="gradnorm", selection="importance", ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, num_strata=4, min_tokens_per_sequence=1, generator=None, inplace_backward=False, logit_scale=1.0,
+    logit_softcap=None,
 ) -> LossOptions:
+    """Checked options (the defaults are the public functions')."""
     check_choice("scoring", scoring, SCORINGS)
     check_choice("selection", selection, SELECTIONS)
     check_choice("reduction", reduction, REDUCTIONS)
