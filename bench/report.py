@@ -29,6 +29,8 @@ from them by `python bench/report.py --write`; the project README quotes the hea
 - `python bench/bench_linear.py [--kept] [--held]`: the LM head plus the loss, gradients to
   hidden and weight, against `hidden @ W.T` + `F.cross_entropy`, and Liger's and
   cut-cross-entropy's fused losses when installed.
+- `python bench/bench_e2e.py [--max-batch]`: whole training steps of SmolLM2-135M, Qwen2.5-0.5B
+  and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss and Liger's patch.
 - `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
   time of one call, kernel by kernel.
 - `python bench/quality.py --ratios 0.25`, then `--summarise FILES`: held-out loss of a small GPT
@@ -66,6 +68,24 @@ def linear_table(data):
     return "\n".join(lines)
 
 
+def e2e_table(data):
+    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, transformers "
+             f"{data['versions'].get('transformers')}, {data['date']}): whole training steps (forward, backward, "
+             "fused AdamW), T = 2048, random-init models built from their configurations:", "",
+             "| model | precision | method | batch | step ms | tokens/s | peak GB |", "|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        if "max_batch" in row:
+            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | largest: {row['max_batch']} "
+                         "| | | |")
+        elif row["ms"] is None:
+            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | {row['batch']} | "
+                         "out of memory | | |")
+        else:
+            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | {row['batch']} | "
+                         f"{row['ms']:.1f} | {row['tokens_per_s']:.0f} | {row['peak_bytes'] / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
 def quality_table(paths):
     from quality import summarise
 
@@ -96,7 +116,8 @@ def quality_table(paths):
 def build() -> str:
     parts = [INTRO]
     names = sorted(os.listdir(RESULTS))
-    sections = (("## Loss on given logits", "loss_", loss_table), ("## LM head plus loss", "linear_", linear_table))
+    sections = (("## Loss on given logits", "loss_", loss_table), ("## LM head plus loss", "linear_", linear_table),
+                ("## Whole training steps", "e2e_", e2e_table))
     for title, prefix, table in sections:
         parts.append(title)
         for name in names:
