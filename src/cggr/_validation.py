@@ -42,7 +42,7 @@ def check_finite_float(name: str, value, *, positive: bool = False) -> float:
 def make_options(
     *, scoring="gradnorm", selection="importance", ignore_index=-100, reduction="mean", label_smoothing=0.0,
     z_loss=0.0, num_strata=4, min_tokens_per_sequence=1, generator=None, inplace_backward=False, logit_scale=1.0,
-    logit_softcap=None,
+    logit_softcap=None, process_group=None,
 ) -> LossOptions:
     """Checked options (the defaults are the public functions')."""
     check_choice("scoring", scoring, SCORINGS)
@@ -58,12 +58,25 @@ def make_options(
     logit_scale = check_finite_float("logit_scale", logit_scale)
     if logit_softcap is not None:
         logit_softcap = check_finite_float("logit_softcap", logit_softcap, positive=True)
+    if process_group is not None:
+        check_process_group(process_group)
     return LossOptions(
         scoring=scoring, selection=selection, ignore_index=int(ignore_index), reduction=reduction,
         label_smoothing=float(label_smoothing), z_loss=float(z_loss), num_strata=int(num_strata),
         min_tokens_per_sequence=int(min_tokens_per_sequence), generator=generator,
         inplace_backward=bool(inplace_backward), logit_scale=logit_scale, logit_softcap=logit_softcap,
+        process_group=process_group,
     )
+
+
+def check_process_group(process_group) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group needs torch.distributed to be initialised (init_process_group) first")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None, "
+                         f"got {type(process_group).__name__}")
 
 
 def check_reference_loss(reference_loss, scoring: str, targets: torch.Tensor) -> None:

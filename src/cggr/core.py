@@ -33,6 +33,7 @@ class LossOptions:
     inplace_backward: bool = False
     logit_scale: float = 1.0
     logit_softcap: Optional[float] = None
+    process_group: Optional[object] = None  # a torch.distributed group: select over the group's batch
 
 
 class Reduced(NamedTuple):
@@ -43,6 +44,7 @@ class Reduced(NamedTuple):
     n_valid: torch.Tensor  # int64 0-d
     n_selected: torch.Tensor  # int64 0-d
     ratio: Union[float, torch.Tensor]  # the ratio applied
+    full_loss: Optional[torch.Tensor] = None  # over the process group's batch; None: this batch's
 
 
 def build_info(stats: RowStats, reduced: Reduced) -> CGGRInfo:
@@ -57,7 +59,8 @@ def build_info(stats: RowStats, reduced: Reduced) -> CGGRInfo:
         ratio=ratio_tensor(reduced.ratio, stats.score.device),
         n_selected=reduced.n_selected,
         n_valid=reduced.n_valid,
-        full_loss=stats.loss.sum() / reduced.n_valid.clamp(min=1),
+        full_loss=(stats.loss.sum() / reduced.n_valid.clamp(min=1) if reduced.full_loss is None
+                   else reduced.full_loss),
     )
 
 
@@ -108,6 +111,10 @@ def select_and_reduce(
     ``fused_select`` (a backend's ``select``) does the selection and reduction in one launch
     where it can, returning None where it cannot; else every op here is a kernel launch.
     """
+    if opts.process_group is not None:
+        from .distributed import select_and_reduce_over_group  # torch.distributed only when asked for
+
+        return select_and_reduce_over_group(stats, valid, ratio, opts, seq_shape)
     if callable(ratio):
         ratio = ratio(mean_confidence(stats, valid))
     fused = fused_select(stats, valid, ratio, opts) if fused_select is not None else None
@@ -117,20 +124,17 @@ def select_and_reduce(
     return Reduced(loss, coef, mask, weight, n_valid, n_selected, ratio)
 
 
+def select_with_options(scores, valid, ratio, opts: LossOptions, seq_shape, n_valid, generator):
+    """:func:`select_rows` with the options' selection settings."""
+    return select_rows(scores, valid, ratio, n_valid=n_valid, selection=opts.selection, seq_shape=seq_shape,
+                       num_strata=opts.num_strata, min_tokens_per_sequence=opts.min_tokens_per_sequence,
+                       generator=generator)
+
+
 def _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape):
     """(mask, weight, coef, loss, n_valid, n_selected) in PyTorch ops."""
     n_valid = valid.sum()
-    mask, weight = select_rows(
-        stats.score,
-        valid,
-        ratio,
-        n_valid=n_valid,
-        selection=opts.selection,
-        seq_shape=seq_shape,
-        num_strata=opts.num_strata,
-        min_tokens_per_sequence=opts.min_tokens_per_sequence,
-        generator=opts.generator,
-    )
+    mask, weight = select_with_options(stats.score, valid, ratio, opts, seq_shape, n_valid, opts.generator)
     weighted = torch.where(mask, weight * stats.loss, 0.0)  # where: an unselected row may hold a NaN loss
     n_selected = mask.sum()
     denominator = mean_denominator(opts, n_valid, n_selected)

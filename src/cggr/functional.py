@@ -35,6 +35,7 @@ def cggr_cross_entropy(
     reference_loss: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    process_group: Optional[object] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -61,6 +62,10 @@ def cggr_cross_entropy(
         selection: ``'importance'`` (default: unbiased sampling, weights 1/pi), ``'topk'``,
             ``'random'``, ``'stratified'`` or ``'sequence_aware'``.
         logit_scale, logit_softcap: the formulas see ``c * tanh(scale * x / c)`` (no cap if None).
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``): select over the
+            concatenation of every process's batch, as one process would; each process returns its
+            share of that loss times the group size (what DDP's gradient averaging expects). Without
+            it each process selects from its own batch.
 
     Returns:
         The loss (0-d, or ``targets``-shaped for ``reduction='none'``) in the logits' dtype for
@@ -70,7 +75,8 @@ def cggr_cross_entropy(
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
                     min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
-                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap)
+                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                    process_group=process_group)
     check.check_logits_targets(logits, targets)
     ratio = resolve_ratio(ratio, logits.device)
     return run_cross_entropy(logits, targets, ratio, opts, backend, check_targets, return_info, reference_loss)
@@ -88,6 +94,7 @@ def cggr_linear_cross_entropy(
     reference_loss: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    process_group: Optional[object] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -133,8 +140,10 @@ def cggr_linear_cross_entropy(
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
                     min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
-                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap)
+                    inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                    process_group=process_group)
     check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
+    weight, bias = _full_tensor(weight), _full_tensor(bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -180,6 +189,13 @@ def reference_token_loss(
     if weight is None:
         return cggr_cross_entropy(inputs, targets, 1.0, **kw)
     return cggr_linear_cross_entropy(inputs, weight, targets, 1.0, bias, chunk_size=chunk_size, **kw)
+
+
+def _full_tensor(tensor):
+    """A DTensor (a sharded weight under FSDP2 or tensor parallelism) gathered whole; the
+    gather is differentiable, so its gradient is scattered back to the shards."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
 
 
 def _autocast(hidden, weight, bias):
@@ -311,7 +327,7 @@ def _default_chunk_rows(vocab_size: int) -> int:
 
 def max_selected_rows(ratio_bound: Optional[float], opts: LossOptions, n_rows: int, seq_shape) -> int:
     """A host-side upper bound on how many rows a selection can keep (no device sync)."""
-    if ratio_bound is None:
+    if ratio_bound is None or opts.process_group is not None:  # a group's selection: any local count
         return n_rows
     bound = max(1, math.ceil(ratio_bound * n_rows - 1e-6))
     if opts.selection == "importance":  # systematic sampling keeps k or k + 1 rows at most

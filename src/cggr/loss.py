@@ -45,6 +45,7 @@ class CGGRLoss(nn.Module):
         selection: str = "importance",
         logit_scale: float = 1.0,
         logit_softcap: Optional[float] = None,
+        process_group: Optional[object] = None,
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
@@ -68,6 +69,7 @@ class CGGRLoss(nn.Module):
             label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
             min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
             inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap,
+            process_group=process_group,
         )
         self.dynamic_threshold = bool(dynamic_threshold)
         self.threshold_sensitivity = float(threshold_sensitivity)

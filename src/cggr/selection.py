@@ -51,15 +51,31 @@ def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
-def _uniform(shape, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(shape, device=device, dtype=torch.float64, generator=generator)
+class SharedDraws:
+    """Stands in for a generator when several processes select over one global batch: each
+    draw is replaced by the first process's (``share`` broadcasts it), so all of them keep the
+    same rows, those a single process with that generator would keep."""
+
+    def __init__(self, generator: Optional[torch.Generator], share) -> None:
+        self.generator, self.share = generator, share
 
 
-def random_keys(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _draw(make, generator):
+    if isinstance(generator, SharedDraws):
+        return generator.share(make(generator.generator))
+    return make(generator)
+
+
+def _uniform(shape, device: torch.device, generator) -> torch.Tensor:
+    return _draw(lambda g: torch.rand(shape, device=device, dtype=torch.float64, generator=g), generator)
+
+
+def random_keys(n: int, device: torch.device, generator) -> torch.Tensor:
     """``[n]`` int32 keys uniform in [0, 2**31): ranking rows by them (ties to the lower index,
     which are rare) draws a uniformly random subset. Every backend draws the same keys from the
     same generator, so it keeps the same rows."""
-    return torch.randint(0, 2**31 - 1, (n,), device=device, dtype=torch.int32, generator=generator)
+    return _draw(lambda g: torch.randint(0, 2**31 - 1, (n,), device=device, dtype=torch.int32, generator=g),
+                 generator)
 
 
 def select_topk(scores, valid, k):

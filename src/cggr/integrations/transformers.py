@@ -184,6 +184,10 @@ def _cggr_forward(self, *args, **kwargs):
     loss = _linear_loss(hidden, head.weight, head.bias, targets, state, options)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if isinstance(num_items, torch.Tensor) else num_items)
+        if state.options.get("process_group") is not None:
+            # A global num_items_in_batch: Trainer multiplies by the process count itself.
+            import torch.distributed as dist
+            loss = loss / dist.get_world_size(state.options["process_group"])
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
                                   hidden_states=getattr(outputs, "hidden_states", None),
                                   attentions=getattr(outputs, "attentions", None))

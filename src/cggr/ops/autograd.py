@@ -183,7 +183,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
                 chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool, sink):
         valid = targets != opts.ignore_index
-        grads_now = isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
+        grads_now = (isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
+                     and opts.process_group is None)
         if grads_now:
             need_weight = ctx.needs_input_grad[1]
             recompute_cols = _recomputed_columns(*weight.shape, chunk_rows, weight_grad)
