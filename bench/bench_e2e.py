@@ -11,10 +11,12 @@ tokens per second, and peak memory; ``--max-batch`` also searches the largest ba
 (own loss against cggr ratio 1).
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -62,9 +64,17 @@ def patch(model, method):
         _apply_liger_kernel_to_instance(model=model)
         return None  # cannot be undone: the model is rebuilt after it
     if method == "cut-cross-entropy":
-        from cut_cross_entropy.transformers import cce_patch
-        cce_patch(model)
-        return None
+        from cut_cross_entropy import linear_cross_entropy  # its release here has no transformers patch
+
+        def forward(input_ids=None, labels=None, **kwargs):
+            hidden = model.base_model(input_ids=input_ids).last_hidden_state
+            weight = model.get_output_embeddings().weight
+            if torch.is_autocast_enabled("cuda"):
+                hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+            loss = linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:])
+            return types.SimpleNamespace(loss=loss)
+        model.forward = forward
+        return lambda: delattr(model, "forward")
     raise ValueError(method)
 
 
@@ -105,6 +115,7 @@ def max_batch(name, method, autocast, start):
         except torch.OutOfMemoryError:
             fails = batch
         del model
+        gc.collect()
         torch.cuda.empty_cache()
         batch = batch * 2 if fails is None else (fits + fails) // 2
     return fits
@@ -114,7 +125,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32+autocast"])
-    parser.add_argument("--max-batch", action="store_true")
+    parser.add_argument("--max-batch", nargs="*", default=None,
+                        help="search the largest batch for these models (all if none named)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     methods = ["own loss", "liger", "cut-cross-entropy", "cggr r=1.0", "cggr r=0.5", "cggr r=0.25",
@@ -136,6 +148,10 @@ def main():
                 except torch.OutOfMemoryError:
                     ms, peak, loss = None, None, None
                     torch.cuda.empty_cache()
+                except Exception as error:  # report, keep measuring the rest
+                    print(f"{method} failed on {name} {precision}: {error!r}")
+                    (undo or (lambda: None))()
+                    continue
                 row = dict(model=name, precision=precision, method=method, batch=batch, seq_len=SEQ_LEN, ms=ms,
                            tokens_per_s=None if ms is None else batch * SEQ_LEN / ms * 1e3, peak_bytes=peak,
                            loss=loss)
@@ -149,10 +165,12 @@ def main():
                     undo()
             del model
             torch.cuda.empty_cache()
-            if args.max_batch:
-                for method in ("own loss", "cggr r=1.0"):
-                    rows.append(dict(model=name, precision=precision, method=method, seq_len=SEQ_LEN,
-                                     max_batch=max_batch(name, method, autocast, batch)))
+    # Last: a failed allocation can leave memory behind, which would inflate later peaks.
+    for name in (args.models if args.max_batch == [] else args.max_batch or []):
+        for precision in args.precisions:
+            for method in ("own loss", "cggr r=1.0"):
+                rows.append(dict(model=name, precision=precision, method=method, seq_len=SEQ_LEN,
+                                 max_batch=max_batch(name, method, precision != "bf16", MODELS[name][2])))
     print(f"\n{'model':<14} {'precision':<14} {'method':<20} {'batch':>5} {'ms':>8} {'tok/s':>9} {'peak GB':>8}")
     for row in rows:
         if "max_batch" in row:
