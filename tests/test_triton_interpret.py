@@ -255,9 +255,9 @@ def test_gradient_in_place_stays_inside_its_rows(monkeypatch, dtype, pad):
 @given(n=st.integers(1, 300), levels=st.integers(1, 6), ratio=st.floats(0.01, 1.0), device_ratio=st.booleans(),
        reduction=st.sampled_from(["mean", "sum", "none"]), invalid=st.floats(0.0, 1.0), nan=st.booleans(),
        seed=st.integers(0, 999), chunk=st.sampled_from([None, 32]),
-       selection=st.sampled_from(["topk", "random", "importance"]))
+       selection=st.sampled_from(["topk", "random", "importance", "stratified"]), strata=st.integers(1, 6))
 def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan,
-                                                            seed, chunk, selection):
+                                                            seed, chunk, selection, strata):
     """On the same statistics (and the same generator) the one-program Triton selections and
     the PyTorch ones choose exactly the same rows, ties included, with the same weights, and
     reduce to the same loss; also when the selection walks the rows in several steps
@@ -278,9 +278,13 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
     config = triton_backend.launch_config if chunk is None else _fixed_block(chunk)
     with mock.patch.object(triton_backend, "launch_config", config):
         got = triton_backend.select(stats, valid, spec, LossOptions(
-            selection=selection, reduction=reduction, generator=torch.Generator().manual_seed(seed)))
+            selection=selection, reduction=reduction, num_strata=strata, generator=torch.Generator().manual_seed(seed)))
     want = _select_and_reduce_rows(stats, valid, spec, LossOptions(
-        selection=selection, reduction=reduction, generator=torch.Generator().manual_seed(seed)), None)
+        selection=selection, reduction=reduction, num_strata=strata, generator=torch.Generator().manual_seed(seed)),
+        None)
+    if got is None:  # stratified over more rows than one block: the PyTorch path
+        assert selection == "stratified" and chunk is not None and n > chunk
+        return
     assert torch.equal(got[0], want[0])  # mask
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -303,3 +307,25 @@ def test_scaling_by_a_device_scalar(dtype, value):
         torch.testing.assert_close(backend.add_mul_(out.clone(), x, scale), (out + value * x.float()).to(dtype), **tol)
     strided = x.clone().t()
     torch.testing.assert_close(triton_backend.mul_(strided, scale), x.t() * value)
+
+
+@pytest.mark.parametrize("n,ratio,strata", [(20, 0.25, 4), (4, 0.75, 4), (13, 0.5, 3), (50, 0.1, 5), (7, 1.0, 2),
+                                            (16, 0.7, 8)])
+def test_one_launch_stratified_shares_remainders_ties_and_caps(n, ratio, strata):
+    """Cases where largest-remainder ties (to the harder stratum) and stratum caps decide the
+    shares: the one-program stratified selection keeps what the PyTorch one keeps."""
+    from cggr.core import _select_and_reduce_rows
+    from cggr.ops import triton_backend
+    from cggr.scoring import RowStats
+
+    g = torch.Generator().manual_seed(n)
+    columns = torch.rand(n, len(RowStats._fields), generator=g)
+    stats = RowStats.from_columns(columns)
+    valid = torch.ones(n, dtype=torch.bool)
+    for seed in range(5):
+        opts = LossOptions(selection="stratified", num_strata=strata, generator=torch.Generator().manual_seed(seed))
+        got = triton_backend.select(stats, valid, ratio, opts)
+        opts = LossOptions(selection="stratified", num_strata=strata, generator=torch.Generator().manual_seed(seed))
+        want = _select_and_reduce_rows(stats, valid, ratio, opts, None)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[3], want[3])

@@ -123,9 +123,10 @@ def select_stratified(scores, valid, k, n_valid, num_strata, generator):
     stratum = torch.where(rank < big, rank // (q + 1), r + (rank - big) // q.clamp(min=1))
     stratum = torch.where(valid, stratum, num_strata)
     shares = stratum_shares(k, sizes)
-    # Inside a stratum, a random key order picks a uniform subset of the wanted size.
-    key = stratum.to(torch.float64) + _uniform(scores.numel(), scores.device, generator)
-    position = _inverse_permutation(torch.sort(key, stable=True).indices)
+    # Inside a stratum the rows of largest random key (ties to the lower index) are a uniform
+    # subset of the wanted size: order by stratum, then key descending, then index (stable).
+    key = random_keys(scores.numel(), scores.device, generator).to(torch.int64)
+    position = _inverse_permutation(torch.sort(stratum * 2**32 - key, stable=True).indices)
     starts = torch.cumsum(sizes, 0) - sizes
     padded_shares = torch.cat([shares, shares.new_zeros(1)])
     padded_starts = torch.cat([starts, n_valid.reshape(1)])

@@ -24,6 +24,7 @@ from .triton_kernels import (
     row_stats_kernel,
     scale_kernel,
     select_importance_kernel,
+    select_stratified_kernel,
     select_topk_kernel,
 )
 
@@ -321,15 +322,16 @@ def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch
 
 _REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 _IMPORTANCE_ITERATIONS = 40  # halvings of log c over 101 octaves: c within 2e-10 relative, then solved
+_MAX_FUSED_STRATA = 64  # more strata than this (or more rows than one block) take the PyTorch path
 
 
 def select(stats: RowStats, valid: torch.Tensor, ratio, opts):
-    """``topk``, ``random`` and ``importance`` selection and reduction of float32 statistics in
-    one launch: (mask, weight, coef, loss, n_valid, n_selected) as
+    """``topk``, ``random``, ``importance`` and ``stratified`` selection and reduction of float32
+    statistics in one launch: (mask, weight, coef, loss, n_valid, n_selected) as
     :func:`cggr.core.select_and_reduce` computes them. None where it does not apply (other
     selections, float64 statistics, statistics not in one ``[N, 9]`` block, or under
     torch.compile, which fuses the PyTorch ops itself)."""
-    if opts.selection not in ("topk", "random", "importance"):
+    if opts.selection not in ("topk", "random", "importance", "stratified"):
         return None
     base = stats.lse
     n_rows = base.numel()
@@ -349,8 +351,11 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts):
     # A Python float travels as its bits, so the budget is computed from it exactly.
     ratio_bits = 0 if from_ptr else struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
     config = launch_config(n_rows, "select", block_name="CHUNK")
-    common = dict(RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[opts.reduction],
-                  ONE_STEP=n_rows <= config["CHUNK"], STATS_WIDTH=_N_STATS, LOSS_COL=_LOSS_COL, **config)
+    one_step = n_rows <= config["CHUNK"]
+    if opts.selection == "stratified" and not (one_step and opts.num_strata <= _MAX_FUSED_STRATA):
+        return None
+    common = dict(RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[opts.reduction], STATS_WIDTH=_N_STATS,
+                  LOSS_COL=_LOSS_COL, **config)
     outputs = (mask, weight, coef, row_loss, loss, counts, n_rows)
     # Stand-ins for pointers a kernel does not read: ``counts`` for a float ratio, ``loss`` for
     # the per-row losses unless reduction is 'none'.
@@ -359,12 +364,17 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts):
         if opts.selection == "importance":
             u = torch.rand((), dtype=torch.float64, device=device, generator=opts.generator)
             launch(select_importance_kernel, 1, base, valid, ratio_ptr, ratio_bits, u, *outputs,
-                   SCORE_COL=_SCORE_COL, ITERATIONS=_IMPORTANCE_ITERATIONS, **common)
+                   SCORE_COL=_SCORE_COL, ITERATIONS=_IMPORTANCE_ITERATIONS, ONE_STEP=one_step, **common)
+        elif opts.selection == "stratified":
+            keys = random_keys(n_rows, device, opts.generator)
+            strata = 1 << max(opts.num_strata - 1, 0).bit_length()
+            launch(select_stratified_kernel, 1, base, valid, keys, ratio_ptr, ratio_bits, *outputs, opts.num_strata,
+                   SCORE_COL=_SCORE_COL, STRATA=strata, **common)
         else:
             if opts.selection == "topk":
                 keys, key_stride = stats.score, _N_STATS
             else:
                 keys, key_stride = random_keys(n_rows, device, opts.generator), 1
             launch(select_topk_kernel, 1, keys, base, valid, ratio_ptr, ratio_bits, *outputs,
-                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection == "topk", **common)
+                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection == "topk", ONE_STEP=one_step, **common)
     return mask, weight, coef, row_loss, counts[0], counts[1]

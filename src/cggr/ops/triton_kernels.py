@@ -482,6 +482,97 @@ def _topk_key(keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr, KEYS_
 
 
 @triton.jit
+def _radix_top(key, valid, k):
+    """Which of the rows ``valid`` are among the ``k`` of largest non-negative int32 ``key``,
+    ties to the lower row index (one block of rows): a 4-pass radix select for the k-th key,
+    then the first ``remaining`` rows equal to it."""
+    bins = tl.arange(0, 256)
+    prefix = tl.sum(tl.zeros(key.shape, tl.int32), 0)
+    remaining = k
+    for digit_index in tl.static_range(4):
+        shift = 24 - 8 * digit_index
+        in_prefix = valid
+        if digit_index > 0:
+            in_prefix = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        hist = tl.histogram((key >> shift) & 255, 256, mask=in_prefix)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
+        digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
+        remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+        prefix = prefix | (digit << shift)
+    tie = valid & (key == prefix)
+    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+    return valid & ((key > prefix) | (tie & (tie_rank < remaining))) & (k > 0)
+
+
+@triton.jit
+def select_stratified_kernel(
+    stats_ptr, valid_ptr, keys_ptr, ratio_ptr, ratio_bits,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows, num_strata,
+    STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr, RATIO_FROM_PTR: tl.constexpr,
+    REDUCTION: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
+):
+    """The whole ``stratified`` selection and reduction in one program, for at most CHUNK rows
+    (cggr.selection.select_stratified computes the same in PyTorch ops): the strata by radix
+    selects of the hardest ``b_s`` rows at each stratum boundary, the shares by largest
+    remainder with caps (over STRATA >= num_strata lanes), then in each stratum the rows of
+    largest random key ``keys_ptr`` (int32)."""
+    cols = tl.arange(0, CHUNK)
+    score_key, valid = _topk_key(stats_ptr + SCORE_COL, valid_ptr, cols, n_rows, STATS_WIDTH, True)
+    random_key = tl.load(keys_ptr + cols, mask=cols < n_rows, other=0)
+    n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
+    q = n_valid // num_strata
+    r = n_valid - q * num_strata
+    # A valid row's stratum: num_strata - 1 minus the stratum boundaries it lies before.
+    before = tl.zeros((CHUNK,), tl.int32)
+    boundary = q - q
+    for s in range(0, num_strata - 1):
+        boundary += q + (s < r).to(q.dtype)
+        before += _radix_top(score_key, valid, boundary).to(tl.int32)
+    stratum = num_strata - 1 - before
+
+    lanes = tl.arange(0, STRATA)
+    real = lanes < num_strata
+    sizes = tl.where(real, q + (lanes < r).to(q.dtype), 0)
+    w = tl.where(real, num_strata - lanes, 0).to(q.dtype)
+    exact = k * w
+    share = exact // (num_strata * (num_strata + 1) // 2)
+    remainder = exact - share * (num_strata * (num_strata + 1) // 2)
+    leftover = k - tl.sum(share, 0)
+    # Largest remainder first, ties to the harder (lower) stratum.
+    ahead = ((remainder[None, :] > remainder[:, None]) | ((remainder[None, :] == remainder[:, None])
+                                                        & (lanes[None, :] < lanes[:, None]))) & real[None, :]
+    rank = tl.sum(ahead.to(tl.int32), 1)
+    share = share + ((rank < leftover) & real).to(share.dtype)
+    capped = tl.minimum(share, sizes)
+    excess = tl.sum(share - capped, 0)
+    room = sizes - capped
+    room_before = tl.cumsum(room, 0) - room
+    final = capped + tl.minimum(tl.maximum(excess - room_before, 0), room)
+
+    chosen = cols < 0
+    for s in range(0, num_strata):
+        share_s = tl.sum(tl.where(lanes == s, final, 0), 0)
+        chosen = chosen | _radix_top(random_key, valid & (stratum == s), share_s)
+    n_selected = tl.sum(chosen.to(tl.int64), 0)
+    in_range = cols < n_rows
+    if REDUCTION == 0:
+        scale = 1.0 / tl.maximum(n_selected, 1).to(tl.float32)
+    else:
+        scale = 1.0
+    row_loss = tl.load(stats_ptr + cols.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
+    weighted = tl.where(chosen, row_loss, 0.0)
+    weight = chosen.to(tl.float32)
+    tl.store(mask_ptr + cols, chosen, mask=in_range)
+    tl.store(weight_ptr + cols, weight, mask=in_range)
+    tl.store(coef_ptr + cols, weight * scale, mask=in_range)
+    if REDUCTION == 2:
+        tl.store(row_loss_ptr + cols, weighted, mask=in_range)
+    tl.store(loss_ptr, tl.sum(weighted, 0) * scale)
+    tl.store(counts_ptr, n_valid)
+    tl.store(counts_ptr + 1, n_selected)
+
+
+@triton.jit
 def _importance_score(stats_ptr, valid_ptr, offs, n_rows, STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr):
     """(float64 score of rows ``offs``: NaN as 1, at least 1e-6, 0 where invalid; validity)."""
     in_range = offs < n_rows
