@@ -200,3 +200,18 @@ def test_trainer_with_gradient_accumulation_matches_an_unpatched_run(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for a, b in zip(own_params, our_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_lora_model_matches_its_own_loss():
+    peft = pytest.importorskip("peft")
+    model = _model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ids, labels = _batch()
+    own, own_grads = _loss_and_grads(lora, ids, labels)
+    apply_cggr(lora, 1.0)
+    ours, our_grads = _loss_and_grads(lora, ids, labels)
+    torch.testing.assert_close(ours.loss, own.loss)
+    assert own_grads.keys() == our_grads.keys() and all("lora" in key for key in our_grads)
+    for key in own_grads:
+        torch.testing.assert_close(our_grads[key], own_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert lora.get_base_model().get_output_embeddings().weight.grad is None  # the frozen head
