@@ -259,7 +259,6 @@ def prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: Lo
     check.check_reference_loss(reference_loss, opts.scoring, targets)
     seq_shape = check.check_sequence_shape(opts.selection, targets)
     check.check_generator(opts.generator, rows.device)
-    check.check_inplace_backward(opts.inplace_backward, rows)
     impl = get_backend(backend, rows.device)
     if check_targets:
         check.check_target_range(targets, vocab_size, opts.ignore_index)
@@ -289,6 +288,7 @@ def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, back
                       return_info: bool, reference_loss=None, sink=None) -> LossOrLossAndInfo:
     """Validated inputs -> loss; ``ratio`` may also be a callable of the mean confidence, and
     ``sink`` a list that receives what the info is made of (see ``ops.autograd``)."""
+    check.check_inplace_backward(opts.inplace_backward, logits)
     impl, seq_shape, flat_targets, reference_loss = prepare(logits, targets, logits.shape[-1], opts, backend,
                                                             check_targets, reference_loss)
     loss, info = cggr_cross_entropy_apply(as_rows3d(logits), flat_targets, reference_loss, impl, ratio, opts,
