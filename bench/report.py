@@ -128,6 +128,18 @@ def build() -> str:
         parts.append("## Quality\n\n" + quality_table(quality))
         pictures = [n for n in names if n.startswith("quality_") and n.endswith(".png")]
         parts.extend(f"![held-out loss by step](results/{n})" for n in pictures)
+        from breakeven import main as breakeven
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            breakeven()
+        parts.append("## Break-even at equal wall-clock\n\n`python bench/breakeven.py`: each selective arm's final "
+                     "loss is what the full loss reached after the steps shown (per seed, from its curve); to break "
+                     "even at equal wall-clock the arm's steps must be faster by the inverse ratio, and with the "
+                     "measured head savings (`linear_H200.json`, importance at that ratio against ratio 1) that "
+                     "needs the head and loss to take at least the share of the whole step shown. The curves run "
+                     "under a schedule set for 300 steps, so the steps an arm is worth are an estimate.\n\n```\n"
+                     + printed.getvalue() + "```")
     return "\n\n".join(parts) + "\n"
 
 
