@@ -93,12 +93,49 @@ def _fsdp_step(group, rows, fsdp):
     return (weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().clone()
 
 
+def _accumulation_step(group, rows, ddp, fsdp_bf16=False):
+    """One optimizer step over two micro-batches (DDP skips the first all-reduce with no_sync;
+    FSDP2 with bf16 parameters and fp32 reductions skips it with set_requires_gradient_sync);
+    the loss is divided by the micro-batch count. Returns the parameters after the step."""
+    import contextlib
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(13, 6)
+    model = torch.nn.Sequential(embedding, torch.nn.Linear(6, 6), torch.nn.Tanh())
+    if fsdp_bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    elif ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _, targets, _, _ = _batch()
+    for micro in range(2):
+        tokens = targets.clamp(min=0).roll(micro, dims=1)
+        if fsdp_bf16:
+            model.set_requires_gradient_sync(micro == 1)
+            context = contextlib.nullcontext()
+        else:
+            context = model.no_sync() if ddp and micro == 0 else contextlib.nullcontext()
+        with context:
+            hidden = model(tokens[rows])
+            weight = embedding.weight
+            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            loss = cggr_linear_cross_entropy(hidden.float(), weight.float(), targets.roll(micro, dims=1)[rows], 0.5,
+                                             process_group=group, generator=torch.Generator().manual_seed(micro))
+            (loss / 2).backward()
+    optimizer.step()
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone() for p in model.parameters()]
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         rows = slice(rank * 2, (rank + 1) * 2)
         torch.save({"cases": _cases(dist.group.WORLD, rows), "ddp": _ddp_step(dist.group.WORLD, rows, True),
-                    "fsdp": _fsdp_step(dist.group.WORLD, rows, True)}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "fsdp": _fsdp_step(dist.group.WORLD, rows, True),
+                    "accumulation": _accumulation_step(dist.group.WORLD, rows, True),
+                    "fsdp_bf16": _accumulation_step(dist.group.WORLD, rows, False, fsdp_bf16=True)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -136,6 +173,20 @@ def test_fsdp2_sharded_tied_head_steps_match_single_process_steps(ranks):
     single = _fsdp_step(None, slice(None), False)
     for r in ranks:
         torch.testing.assert_close(r["fsdp"], single)
+
+
+def test_gradient_accumulation_under_ddp_matches_single_process_steps(ranks):
+    single = _accumulation_step(None, slice(None), False)
+    for r in ranks:
+        for a, b in zip(r["accumulation"], single):
+            torch.testing.assert_close(a, b)
+
+
+def test_fsdp2_bf16_mixed_precision_with_accumulation_is_close_to_single_process(ranks):
+    single = _accumulation_step(None, slice(None), False)
+    for r in ranks:
+        for a, b in zip(r["fsdp_bf16"], single):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def test_process_group_must_be_a_group():
