@@ -33,6 +33,8 @@ from them by `python bench/report.py --write`; the project README quotes the hea
   and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss and Liger's patch.
 - `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
   time of one call, kernel by kernel.
+- `python bench/quality_scenarios.py`: clean and noisy data, the full loss against `random`,
+  `importance` and `excess` arms through the fused head, at equal steps and at equal wall-clock.
 - `python bench/quality.py --ratios 0.25`, then `--summarise FILES`: held-out loss of a small GPT
   trained from scratch with each selection against a random-selection control (paired seeds,
   95% intervals).
@@ -86,6 +88,20 @@ def e2e_table(data):
     return "\n".join(lines)
 
 
+def scenarios_section(path):
+    from quality_scenarios import summarise
+
+    data = json.load(open(path))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summarise(data)
+    seeds = len({r["seed"] for r in data["runs"]})
+    return (f"`{data['command']}` on {data['device']} (torch {data['torch']}), {seeds} seeds, "
+            f"{int(100 * data['noise'])}% of the training documents corrupted in `noisy`. Paired differences of "
+            "held-out loss (95% t intervals); `steps` is how many steps fit in the full arm's time:\n\n```"
+            + printed.getvalue() + "```")
+
+
 def quality_table(paths):
     from quality import summarise
 
@@ -123,6 +139,10 @@ def build() -> str:
         for name in names:
             if name.startswith(prefix) and name.endswith(".json"):
                 parts.append(f"### `results/{name}`\n\n" + table(json.load(open(os.path.join(RESULTS, name)))))
+    for name in names:
+        if name.startswith("scenarios_") and name.endswith(".json"):
+            section = scenarios_section(os.path.join(RESULTS, name))
+            parts.append("## Clean and noisy data at equal wall-clock\n\n" + section)
     quality = [os.path.join(RESULTS, n) for n in names if n.startswith("quality_") and n.endswith(".json")]
     if quality:
         parts.append("## Quality\n\n" + quality_table(quality))

@@ -174,6 +174,7 @@ def reference_token_loss(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    check_targets: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Each token's loss under a reference model: the ``reference_loss`` of ``scoring='excess'``.
@@ -185,7 +186,7 @@ def reference_token_loss(
     set, or call it on the fly next to the training model.
     """
     kw = dict(selection="topk", scoring="loss", reduction="none", ignore_index=ignore_index,
-              logit_scale=logit_scale, logit_softcap=logit_softcap, backend=backend)
+              logit_scale=logit_scale, logit_softcap=logit_softcap, check_targets=check_targets, backend=backend)
     if weight is None:
         return cggr_cross_entropy(inputs, targets, 1.0, **kw)
     return cggr_linear_cross_entropy(inputs, weight, targets, 1.0, bias, chunk_size=chunk_size, **kw)
