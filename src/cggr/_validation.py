@@ -89,9 +89,11 @@ def check_reference_loss(reference_loss, scoring: str, targets: torch.Tensor) ->
     if reference_loss is None:
         raise ValueError("scoring='excess' needs reference_loss: each token's loss under a reference model, "
                          "a float tensor shaped like targets")
-    if not isinstance(reference_loss, torch.Tensor) or not reference_loss.is_floating_point():
-        got = reference_loss.dtype if isinstance(reference_loss, torch.Tensor) else type(reference_loss).__name__
-        raise ValueError(f"reference_loss must be a floating tensor shaped like targets, got {got}")
+    if not isinstance(reference_loss, torch.Tensor):
+        raise ValueError(f"reference_loss must be a floating tensor shaped like targets, "
+                         f"got {type(reference_loss).__name__}")
+    if not reference_loss.is_floating_point():
+        raise TypeError(f"reference_loss must be a floating tensor, got dtype {reference_loss.dtype}")
     if tuple(reference_loss.shape) != tuple(targets.shape):
         raise ValueError(f"reference_loss must have the targets' shape {tuple(targets.shape)}, "
                          f"got {tuple(reference_loss.shape)}")
