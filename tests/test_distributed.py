@@ -127,6 +127,27 @@ def _accumulation_step(group, rows, ddp, fsdp_bf16=False):
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone() for p in model.parameters()]
 
 
+def _transformers_grads(group, rows):
+    """Loss and head-weight gradient of a tiny Llama patched with apply_cggr on ``rows`` (None
+    without transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from cggr.integrations.transformers import apply_cggr
+
+    config = transformers.LlamaConfig(vocab_size=13, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().train()
+    apply_cggr(model, 0.5, process_group=group, generator=torch.Generator().manual_seed(4))
+    _, targets, _, _ = _batch()
+    ids = targets.clamp(min=0)
+    loss = model(input_ids=ids[rows], labels=targets[rows]).loss
+    loss.backward()
+    return loss.detach(), model.get_output_embeddings().weight.grad.clone()
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -134,7 +155,8 @@ def _worker(rank, init_file, out_dir):
         torch.save({"cases": _cases(dist.group.WORLD, rows), "ddp": _ddp_step(dist.group.WORLD, rows, True),
                     "fsdp": _fsdp_step(dist.group.WORLD, rows, True),
                     "accumulation": _accumulation_step(dist.group.WORLD, rows, True),
-                    "fsdp_bf16": _accumulation_step(dist.group.WORLD, rows, False, fsdp_bf16=True)},
+                    "fsdp_bf16": _accumulation_step(dist.group.WORLD, rows, False, fsdp_bf16=True),
+                    "transformers": _transformers_grads(dist.group.WORLD, rows)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -187,6 +209,13 @@ def test_fsdp2_bf16_mixed_precision_with_accumulation_is_close_to_single_process
     for r in ranks:
         for a, b in zip(r["fsdp_bf16"], single):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_apply_cggr_with_a_process_group_matches_one_process(ranks):
+    pytest.importorskip("transformers")
+    loss, grad = _transformers_grads(None, slice(None))
+    torch.testing.assert_close(torch.stack([r["transformers"][0] for r in ranks]).mean(), loss)
+    torch.testing.assert_close(sum(r["transformers"][1] for r in ranks) / WORLD, grad)
 
 
 def test_process_group_must_be_a_group():
