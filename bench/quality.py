@@ -32,6 +32,16 @@ from cggr.demo.train import Arm, TrainConfig, fixed_batches, train_arm  # noqa: 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+def paired_interval(diffs):
+    """(mean, low, high): the mean of paired differences and its 95% t interval (NaN bounds
+    with fewer than two pairs)."""
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
 def arms_for(ratio: float):
     arms = [Arm(f"random r={ratio}", ratio, "combined", "random")]
     arms += [Arm(f"topk/{s} r={ratio}", ratio, s, "topk") for s in ("combined", "entropy", "margin", "loss",
@@ -101,9 +111,8 @@ def summarise(paths, plot_path=None):
                "step_ms": statistics.mean(r["step_ms"] for r in seeds.values()),
                "tokens_with_loss": statistics.mean(r["tokens_carried_loss"] / r["tokens_seen"] for r in seeds.values())}
         if len(paired) > 1:
-            mean = statistics.mean(paired)
-            half = T_975.get(len(paired) - 1, 1.96) * statistics.stdev(paired) / math.sqrt(len(paired))
-            row.update(diff_vs_random=mean, ci_low=mean - half, ci_high=mean + half)
+            mean, low, high = paired_interval(paired)
+            row.update(diff_vs_random=mean, ci_low=low, ci_high=high)
         rows.append(row)
     rows.sort(key=lambda r: (r["ratio"], r["loss"]))
     print(f"{'arm':<30} {'loss':>7} {'vs random (95% CI)':>26} {'frequent':>9} {'rare':>7} {'kept':>5} {'step ms':>8}")

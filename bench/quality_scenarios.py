@@ -16,7 +16,6 @@ against the full loss and against ``random`` (95% t intervals over seeds).
 """
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -39,7 +38,9 @@ from cggr.demo.data import (  # noqa: E402
 from cggr.demo.model import GPT, GPTConfig  # noqa: E402
 from cggr.demo.train import TrainConfig, evaluate, fixed_batches, learning_rate  # noqa: E402
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+sys.path.insert(0, os.path.dirname(__file__))
+from quality import paired_interval  # noqa: E402
+
 ARMS = [("full", None, None), ("random", "gradnorm", "random"), ("importance/gradnorm", "gradnorm", "importance"),
         ("topk/excess", "excess", "topk"), ("importance/excess", "excess", "importance")]
 
@@ -144,12 +145,7 @@ def reference_model(model_config, clean_stream, config, seed):
 
 
 def paired(a, b):
-    diffs = [x - y for x, y in zip(a, b)]
-    if len(diffs) < 2:
-        return (statistics.mean(diffs), float("nan"), float("nan"))
-    mean = statistics.mean(diffs)
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
+    return paired_interval([x - y for x, y in zip(a, b)])
 
 
 def main():

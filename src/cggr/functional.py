@@ -142,6 +142,19 @@ def cggr_linear_cross_entropy(
                     min_tokens_per_sequence=min_tokens_per_sequence, generator=generator,
                     inplace_backward=inplace_backward, logit_scale=logit_scale, logit_softcap=logit_softcap,
                     process_group=process_group)
+    return linear_cross_entropy(hidden, weight, targets, ratio, bias, opts, backend=backend,
+                                check_targets=check_targets, return_info=return_info, chunk_size=chunk_size,
+                                fp32_grad_accumulation=fp32_grad_accumulation,
+                                weight_grad_in_place=weight_grad_in_place, reference_loss=reference_loss)
+
+
+def linear_cross_entropy(hidden, weight, targets, ratio: Ratio, bias, opts: LossOptions, *, backend: str = "auto",
+                         check_targets: bool = True, return_info: bool = False, chunk_size: Optional[int] = None,
+                         fp32_grad_accumulation: bool = False, weight_grad_in_place: bool = False,
+                         reference_loss: Optional[torch.Tensor] = None, sink=None) -> LossOrLossAndInfo:
+    """:func:`cggr_linear_cross_entropy` with checked options ``opts``: the input checks, DTensor
+    gathering and autocast casts, then the loss. ``sink`` (a list) receives what the info is made
+    of (see ``ops.autograd``), for callers that report metrics later."""
     check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
     weight, bias = _full_tensor(weight), _full_tensor(bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
@@ -160,7 +173,7 @@ def cggr_linear_cross_entropy(
     weight_grad = _weight_grad_mode(weight, fp32_grad_accumulation, weight_grad_in_place)
     ratio = resolve_ratio(ratio, hidden.device)
     return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
-                                    return_info, chunk_size, weight_grad, reference_loss)
+                                    return_info, chunk_size, weight_grad, reference_loss, sink=sink)
 
 
 @torch.no_grad()

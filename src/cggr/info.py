@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Union
 
 import torch
 
@@ -28,6 +29,19 @@ class CGGRInfo:
     full_loss: torch.Tensor
 
     ROW_FIELDS = ("mask", "weight", "difficulty", "confidence", "entropy", "nll")
+
+    def summary(self) -> Dict[str, Union[int, float]]:
+        """Plain numbers, read from the device in one transfer (a host sync): ``ratio``,
+        ``n_selected``, ``n_valid``, ``full_loss`` and the means over valid rows of confidence,
+        entropy and difficulty (``avg_*``; 0 with no valid row)."""
+        valid = self.n_valid.clamp(min=1).double()
+        ratio, n_selected, n_valid, full_loss, confidence, entropy, difficulty = torch.stack([
+            self.ratio.double(), self.n_selected.double(), self.n_valid.double(), self.full_loss.double(),
+            self.confidence.double().sum() / valid, self.entropy.double().sum() / valid,
+            self.difficulty.double().sum() / valid,
+        ]).tolist()
+        return dict(ratio=ratio, n_selected=int(n_selected), n_valid=int(n_valid), full_loss=full_loss,
+                    avg_confidence=confidence, avg_entropy=entropy, avg_difficulty=difficulty)
 
     def reshape_rows(self, shape) -> "CGGRInfo":
         """The same info with every per-row field viewed as ``shape``."""

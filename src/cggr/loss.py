@@ -185,19 +185,17 @@ class CGGRLoss(nn.Module):
                            avg_confidence=0.0, avg_entropy=0.0, avg_difficulty=0.0, loss_selected=0.0,
                            loss_full=0.0)
             return metrics
-        n_valid = int(info.n_valid.item())
-        denominator = max(n_valid, 1)
-        loss = self._last["loss"]
+        summary = info.summary()
         metrics.update(
-            token_ratio=float(info.ratio.item()),
-            tokens_selected=int(info.n_selected.item()),
-            tokens_valid=n_valid,
+            token_ratio=summary["ratio"],
+            tokens_selected=summary["n_selected"],
+            tokens_valid=summary["n_valid"],
             tokens_total=info.mask.numel(),
-            avg_confidence=float(info.confidence.sum().item()) / denominator,
-            avg_entropy=float(info.entropy.sum().item()) / denominator,
-            avg_difficulty=float(info.difficulty.sum().item()) / denominator,
-            loss_selected=float(loss.float().sum().item()),  # reduction='none': the sum of the rows
-            loss_full=float(info.full_loss.item()),
+            avg_confidence=summary["avg_confidence"],
+            avg_entropy=summary["avg_entropy"],
+            avg_difficulty=summary["avg_difficulty"],
+            loss_selected=float(self._last["loss"].float().sum()),  # reduction='none': the sum of the rows
+            loss_full=summary["full_loss"],
         )
         return metrics
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import _validation as check
 from ..core import LossOptions, build_info
-from ..functional import Ratio, resolve_ratio, run_linear_cross_entropy
+from ..functional import Ratio, linear_cross_entropy
 from ..schedule import Curriculum
 
 __all__ = ["apply_cggr", "remove_cggr", "CGGRCallback", "cggr_state"]
@@ -54,11 +54,10 @@ class CGGRState:
         training forward (this syncs; call it when logging)."""
         if not self.last:
             return {}
-        info = build_info(*self.last[-1])
-        n_valid = max(int(info.n_valid), 1)
-        return {"cggr/ratio": float(info.ratio), "cggr/kept_tokens": int(info.n_selected),
-                "cggr/valid_tokens": int(info.n_valid), "cggr/loss_all_tokens": float(info.full_loss),
-                "cggr/mean_confidence": float(info.confidence.sum()) / n_valid}
+        summary = build_info(*self.last[-1]).summary()
+        return {"cggr/ratio": summary["ratio"], "cggr/kept_tokens": summary["n_selected"],
+                "cggr/valid_tokens": summary["n_valid"], "cggr/loss_all_tokens": summary["full_loss"],
+                "cggr/mean_confidence": summary["avg_confidence"]}
 
 
 def _hf_model(model):
@@ -194,23 +193,10 @@ def _cggr_forward(self, *args, **kwargs):
 
 
 def _linear_loss(hidden, weight, bias, targets, state: CGGRState, options: Dict[str, Any]) -> torch.Tensor:
-    """cggr_linear_cross_entropy with the state's ratio; keeps what metrics need."""
-    from ..functional import _autocast, _weight_grad_mode
-
+    """The fused loss with the state's ratio; keeps what metrics need in ``state.last``."""
     opts, call = _split_options(options)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
-    if bias is not None and bias.dtype != weight.dtype:
-        bias = bias.to(weight.dtype)
-    if weight.dtype != hidden.dtype:  # e.g. fp32 head, bf16 activations outside autocast: F.linear's cast
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
-    ratio = resolve_ratio(state.ratio, hidden.device)
     state.last.clear()
-    weight_grad = _weight_grad_mode(weight, call.get("fp32_grad_accumulation", False),
-                                    call.get("weight_grad_in_place", False))
-    return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, call.get("backend", "auto"),
-                                    call.get("check_targets", True), False, call.get("chunk_size"), weight_grad,
-                                    sink=state.last)
+    return linear_cross_entropy(hidden, weight, targets, state.ratio, bias, opts, sink=state.last, **call)
 
 
 def _callback_base():
