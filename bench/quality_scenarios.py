@@ -3,8 +3,8 @@
     python bench/quality_scenarios.py --out bench/results/scenarios_H200.json --plot bench/results/scenarios_H200.png
     python bench/quality_scenarios.py --summarise bench/results/scenarios_H200.json --plot FILE.png
 
-A narrow GPT (4 layers, 256 wide) with a 32k byte-level BPE vocabulary, batch 64 x 256 tokens, so that
-the LM head is most of a step. Scenarios:
+A narrow GPT (4 layers, 256 wide) with a 32k byte-level BPE vocabulary, batch 32 x 256 tokens, so that
+the LM head is most of a step's FLOPs; AdamW, gradients clipped at norm 1. Scenarios:
 
 * ``clean``: trained from scratch on the Python standard library's sources (every 10th file held out).
 * ``noisy``: the same, with half the training documents corrupted (random characters, shuffled
@@ -44,8 +44,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 import cggr  # noqa: E402
-from cggr.demo.data import encode, read_texts, sample_batch, split_held_out, stdlib_source_files  # noqa: E402
-from cggr.demo.data import train_tokenizer  # noqa: E402
+from cggr.demo.data import (  # noqa: E402
+    encode,
+    read_texts,
+    sample_batch,
+    split_held_out,
+    stdlib_source_files,
+    train_tokenizer,  # noqa: E402
+)
 from cggr.demo.model import GPT, GPTConfig  # noqa: E402
 from cggr.demo.train import TrainConfig, evaluate, fixed_batches, learning_rate  # noqa: E402
 from quality import paired_interval  # noqa: E402
@@ -183,6 +189,7 @@ def train(model, stream, config, seed, step_fn_args, eval_batches=None, eval_poi
         with autocast(device):
             loss = step_fn.loss(inputs, targets)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_fn.advance()
@@ -264,6 +271,7 @@ def calibrate(model_config, config, data, ratios, repeats=20):
                 with autocast(device):
                     loss = step_fn.loss(inputs, targets)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sync(device)
@@ -317,18 +325,18 @@ def main():
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--corpus-bytes", type=int, default=12_000_000)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--finetune-lr-factor", type=float, default=0.5)
-    parser.add_argument("--eval-batches", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results/scenarios.json")
     parser.add_argument("--plot", default=None)
@@ -374,8 +382,8 @@ def main():
         prep += [dict(kind="pretrain", scenario="finetune", seed=seed, save=os.path.join(work, f"base_{seed}.pt"))
                  for seed in range(args.seeds)]
     jobs = []
-    for scenario in args.scenarios:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed by seed, so that a run cut short has every scenario
+        for scenario in args.scenarios:
             common = dict(kind="train", scenario=scenario, seed=seed, base=os.path.join(work, f"base_{seed}.pt"))
             for arm in ("full", "full/fused"):
                 jobs.append(dict(common, arm=arm, ratio=1.0, mode="steps", steps=args.steps))
