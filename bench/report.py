@@ -33,15 +33,17 @@ from them by `python bench/report.py --write`; the project README quotes the hea
   and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss and Liger's patch.
 - `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
   time of one call, kernel by kernel.
-- `python bench/quality_scenarios.py`: clean and noisy data, the full loss against `random`,
-  `importance` and `excess` arms through the fused head, at equal steps and at equal wall-clock.
+- `python bench/quality_scenarios.py [--plot FILE]`: clean data, noisy data and fine-tuning on a
+  new domain; the full loss against `random`, `importance` and `excess` arms through the fused
+  head at ratios 0.25, 0.5 and 0.75, at equal steps and at equal wall-clock (5 paired seeds).
+  `python bench/breakeven.py` reads its file: the speed-up each arm would need to pay.
 - `python bench/quality.py --ratios 0.25`, then `--summarise FILES`: held-out loss of a small GPT
   trained from scratch with each selection against a random-selection control (paired seeds,
   95% intervals).
 
 `probes/` holds one-off measurements behind design decisions and `probes/NOTES.md`, the log of the
 performance work (each change, its prediction and what it did). Files whose name ends in `_H100`
-and the quality runs were measured on an earlier version of the library (before fixed-count
+and the `quality_*` runs were measured on an earlier version of the library (before fixed-count
 importance sampling and the gradnorm default); their commands are in each file.
 """
 
@@ -89,17 +91,34 @@ def e2e_table(data):
 
 
 def scenarios_section(path):
+    from breakeven import main as breakeven
     from quality_scenarios import summarise
 
     data = json.load(open(path))
-    printed = io.StringIO()
+    printed, breaks = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(printed):
         summarise(data)
+    with contextlib.redirect_stdout(breaks):
+        breakeven(path)
     seeds = len({r["seed"] for r in data["runs"]})
-    return (f"`{data['command']}` on {data['device']} (torch {data['torch']}), {seeds} seeds, "
-            f"{int(100 * data['noise'])}% of the training documents corrupted in `noisy`. Paired differences of "
-            "held-out loss (95% t intervals); `steps` is how many steps fit in the full arm's time:\n\n```"
-            + printed.getvalue() + "```")
+    model = data["model"]
+    picture = path[:-len(".json")] + ".png"
+    lines = [f"`{data['command']}` on {data['device']} (torch {data['torch']}, triton {data.get('triton')}, "
+             f"{data.get('date')}): a {model['n_layer']}-layer, {model['d_model']}-wide GPT with a "
+             f"{model['vocab_size']}-token vocabulary, batch {data['train']['batch']} x {model['seq_len']}, "
+             f"{data['train']['steps']} steps, {seeds} seeds; {int(100 * data['noise'])}% of the training "
+             "documents corrupted in `noisy`. Paired differences of held-out loss (95% t intervals); `steps` is "
+             "how many steps fit in the full arm's time, from each arm's step time measured alone on the GPU:",
+             "", "```" + printed.getvalue() + "```"]
+    if os.path.exists(picture):
+        lines += ["", f"![held-out loss against wall-clock](results/{os.path.basename(picture)})"]
+    lines += ["", "`python bench/breakeven.py`: each selective arm's loss at equal steps is what the full loss "
+              "reached after `worth` of its steps (per seed, interpolated on its curve); to break even at equal "
+              "wall-clock the arm's steps must be faster by `steps / worth`. `measured` is the speed-up the step "
+              "times give (below 1: slower than the plain full loss). The head share is what the LM head and "
+              "loss would have to take of a GPU-bound full step for that speed-up to exist, if the head cost "
+              "in proportion to its matmul FLOPs.", "", "```\n" + breaks.getvalue() + "```"]
+    return "\n".join(lines)
 
 
 def quality_table(paths):
@@ -142,24 +161,13 @@ def build() -> str:
     for name in names:
         if name.startswith("scenarios_") and name.endswith(".json"):
             section = scenarios_section(os.path.join(RESULTS, name))
-            parts.append("## Clean and noisy data at equal wall-clock\n\n" + section)
+            parts.append("## Where selection pays: three scenarios at equal steps and at equal wall-clock\n\n"
+                         + section)
     quality = [os.path.join(RESULTS, n) for n in names if n.startswith("quality_") and n.endswith(".json")]
     if quality:
-        parts.append("## Quality\n\n" + quality_table(quality))
+        parts.append("## Quality of each selection (earlier version)\n\n" + quality_table(quality))
         pictures = [n for n in names if n.startswith("quality_") and n.endswith(".png")]
         parts.extend(f"![held-out loss by step](results/{n})" for n in pictures)
-        from breakeven import main as breakeven
-
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            breakeven()
-        parts.append("## Break-even at equal wall-clock\n\n`python bench/breakeven.py`: each selective arm's final "
-                     "loss is what the full loss reached after the steps shown (per seed, from its curve); to break "
-                     "even at equal wall-clock the arm's steps must be faster by the inverse ratio, and with the "
-                     "measured head savings (`linear_H200.json`, importance at that ratio against ratio 1) that "
-                     "needs the head and loss to take at least the share of the whole step shown. The curves run "
-                     "under a schedule set for 300 steps, so the steps an arm is worth are an estimate.\n\n```\n"
-                     + printed.getvalue() + "```")
     return "\n\n".join(parts) + "\n"
 
 
