@@ -93,6 +93,27 @@ def linear_step(n, h, v, kw):
     return step
 
 
+def training_head_step(n, h, v, ratio):
+    """The head of a small model's training step: fp32 weight, bf16 autocast, a curriculum ratio
+    (``ratio`` None: ``hidden @ W.T`` and ``F.cross_entropy``, the plain path)."""
+    from cggr import Curriculum
+
+    hidden = torch.randn(n, h, device="cuda", requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda") / h ** 0.5).requires_grad_(True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    curriculum = None if ratio is None else Curriculum(ratio, 0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if curriculum is None:
+                loss = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), t)
+            else:
+                loss = cggr_linear_cross_entropy(hidden, weight, t, curriculum, check_targets=False)
+        loss.backward()
+        hidden.grad = weight.grad = None
+    return step
+
+
 def entry_point_costs():
     """Host microseconds a call of each backend entry point and of the whole loss."""
     from cggr.core import LossOptions
@@ -154,8 +175,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--linear", action="store_true", help="also profile the linear path")
     parser.add_argument("--host", action="store_true", help="profile the host side of a small loss step")
+    parser.add_argument("--head-host", action="store_true",
+                        help="only the host side of a small model's head under autocast, plain and fused")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.head_host:
+        for ratio in (None, 1.0, 0.25):
+            step, tiny = training_head_step(8192, 256, 32768, ratio), training_head_step(64, 64, 256, ratio)
+            print(f"head ratio {ratio}: bench {do_bench(step, warmup=25, rep=200, return_mode='median'):.3f} ms, "
+                  f"host {host_ms(tiny):.3f} ms")
+        host_profile(training_head_step(64, 64, 256, 0.25))
+        return
     if args.host:
         entry_point_costs()
         host_profile(loss_step(8192, 256, LOSS_CASES[0][2]))
