@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--text", help=f"train on this UTF-8 text file (at least {MIN_TEXT_BYTES // 1000} kB) "
                                      "instead of Python's built-in help text")
     demo.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps per arm (default 600)")
-    demo.add_argument("--ratio", type=_ratio, default=0.25, help="final share of tokens kept (default 0.25)")
+    demo.add_argument("--ratio", type=_ratio, default=0.5, help="final share of tokens kept (default 0.5)")
     demo.add_argument("--scoring", default="gradnorm", choices=[s for s in SCORINGS if s != "excess"],
                       help="difficulty score of the CGGR arm (default gradnorm)")
     demo.add_argument("--selection", default="importance", choices=SELECTIONS,
