@@ -114,6 +114,51 @@ def training_head_step(n, h, v, ratio):
     return step
 
 
+def head_host_breakdown(rounds=3):
+    """Host ms of the pieces of a small head's call (64 rows, H=64, V=256), alternated."""
+    n, h, v = 64, 64, 256
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def fused(ratio, backward=True):
+        def step():
+            loss = cggr_linear_cross_entropy(hidden, weight, t, ratio, check_targets=False)
+            if backward:
+                loss.backward()
+            hidden.grad = weight.grad = None
+        return step
+
+    def plain():
+        torch.nn.functional.cross_entropy((hidden @ weight.T).float(), t).backward()
+        hidden.grad = weight.grad = None
+
+    def one_thread(step):
+        def wrapped():
+            with torch.autograd.set_multithreading_enabled(False):
+                step()
+        return wrapped
+
+    def no_grad(step):
+        def wrapped():
+            with torch.no_grad():
+                step()
+        return wrapped
+
+    cases = {"plain bf16": plain, "fused r=1": fused(1.0), "fused r=0.25": fused(0.25),
+             "fused r=0.25 forward only": fused(0.25, backward=False),
+             "fused r=0.25 no grad": no_grad(fused(0.25, backward=False)),
+             "fused r=0.25 one thread": one_thread(fused(0.25)), "fused r=1 one thread": one_thread(fused(1.0)),
+             "autocast fp32 head r=0.25": training_head_step(n, h, v, 0.25),
+             "autocast fp32 head plain": training_head_step(n, h, v, None)}
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, step in cases.items():
+            times[name].append(host_ms(step, calls=500, warmup=20))
+    for name, values in times.items():
+        print(f"host {name:<28} " + " ".join(f"{1e3 * x:6.0f}" for x in values) + " us")
+
+
 def entry_point_costs():
     """Host microseconds a call of each backend entry point and of the whole loss."""
     from cggr.core import LossOptions
@@ -184,6 +229,7 @@ def main():
             step, tiny = training_head_step(8192, 256, 32768, ratio), training_head_step(64, 64, 256, ratio)
             print(f"head ratio {ratio}: bench {do_bench(step, warmup=25, rep=200, return_mode='median'):.3f} ms, "
                   f"host {host_ms(tiny):.3f} ms")
+        head_host_breakdown()
         host_profile(training_head_step(64, 64, 256, 0.25))
         return
     if args.host:
