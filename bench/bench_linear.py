@@ -30,7 +30,13 @@ from _results import time_and_peak, write_result  # noqa: E402
 SHAPES = [(8192, 4096, 128256), (16384, 896, 151936), (8192, 256, 16384)]
 
 
+SEQ_LEN = 2048  # sequence_aware sees the rows as sequences of this length
+
+
 def _linear(ratio, selection="importance"):
+    if selection == "sequence_aware":
+        return lambda h, w, t: cggr_linear_cross_entropy(h.view(-1, SEQ_LEN, h.shape[-1]), w, t.view(-1, SEQ_LEN),
+                                                         ratio, selection=selection, check_targets=False)
     return lambda h, w, t: cggr_linear_cross_entropy(h, w, t, ratio, selection=selection, check_targets=False)
 
 
@@ -42,6 +48,7 @@ def methods():
         "cggr linear r=0.25 topk": _linear(0.25, "topk"),
         "cggr linear r=0.25 random": _linear(0.25, "random"),
         "cggr linear r=0.25 stratified": _linear(0.25, "stratified"),
+        "cggr linear r=0.25 sequence_aware": _linear(0.25, "sequence_aware"),
         "cggr linear r=0.5 importance": _linear(0.5),
         "cggr linear r=1.0": _linear(1.0),
     }

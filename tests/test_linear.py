@@ -3,6 +3,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cggr.core import LossOptions
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy
@@ -202,3 +204,35 @@ def test_weight_grad_in_place_errors():
         cggr_linear_cross_entropy(hidden, leaf * 2, targets, 0.5, weight_grad_in_place=True)
     with pytest.raises(ValueError, match="fp32_grad_accumulation"):
         cggr_linear_cross_entropy(hidden, leaf, targets, 0.5, weight_grad_in_place=True, fp32_grad_accumulation=True)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(selection=st.sampled_from(SELECTIONS), reduction=st.sampled_from(["mean", "sum", "none"]),
+       ratio=st.sampled_from([0.3, 0.7, 1.0]), scoring=st.sampled_from(["gradnorm", "combined", "excess"]),
+       bias=st.booleans(), softcap=st.sampled_from([None, 3.0]), upstream=st.sampled_from([1.0, 2.5]),
+       frozen_weight=st.booleans(), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 99))
+def test_small_head_formed_whole_matches_the_chunked_path(monkeypatch, selection, reduction, ratio, scoring, bias,
+                                                          softcap, upstream, frozen_weight, backend, seed):
+    """A head small enough to form whole (F.linear, then the logits loss) gives the loss, info and
+    gradients of the chunked path with recomputation, which every larger head takes."""
+    import cggr.functional as functional
+
+    hidden, weight, b, targets = _problem(bias=bias, seed=seed)
+    reference = torch.rand(targets.shape, generator=torch.Generator().manual_seed(seed)) * 3
+    kw = dict(selection=selection, reduction=reduction, scoring=scoring, logit_softcap=softcap, return_info=True,
+              reference_loss=reference if scoring == "excess" else None, backend=backend)
+    results = []
+    for limit in (1 << 62, 0):  # formed whole, then chunked
+        monkeypatch.setattr(functional, "_MATERIALISE_MAX_MACS", limit)
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(not frozen_weight)
+        bb = None if b is None else b.clone().requires_grad_(True)
+        loss, info = cggr_linear_cross_entropy(h, w, targets, ratio, bias=bb, generator=_seeded(), **kw)
+        (upstream * loss.sum()).backward()
+        results.append((loss.detach(), info.mask, info.weight, h.grad, w.grad, None if bb is None else bb.grad))
+    whole, chunked = results
+    for a, c in zip(whole, chunked):
+        if a is None or c is None:
+            assert a is None and c is None
+        else:
+            torch.testing.assert_close(a, c)

@@ -255,17 +255,23 @@ def test_gradient_in_place_stays_inside_its_rows(monkeypatch, dtype, pad):
 @given(n=st.integers(1, 300), levels=st.integers(1, 6), ratio=st.floats(0.01, 1.0), device_ratio=st.booleans(),
        reduction=st.sampled_from(["mean", "sum", "none"]), invalid=st.floats(0.0, 1.0), nan=st.booleans(),
        seed=st.integers(0, 999), chunk=st.sampled_from([None, 32]),
-       selection=st.sampled_from(["topk", "random", "importance", "stratified"]), strata=st.integers(1, 6))
+       selection=st.sampled_from(["topk", "random", "importance", "stratified", "sequence_aware"]),
+       strata=st.integers(1, 6), seq_len=st.integers(1, 40), min_tokens=st.integers(0, 3))
 def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, device_ratio, reduction, invalid, nan,
-                                                            seed, chunk, selection, strata):
+                                                            seed, chunk, selection, strata, seq_len, min_tokens):
     """On the same statistics (and the same generator) the one-program Triton selections and
     the PyTorch ones choose exactly the same rows, ties included, with the same weights, and
     reduce to the same loss; also when the selection walks the rows in several steps
-    (``chunk``), carrying tie counts and running sums across them."""
+    (``chunk``), carrying tie counts and running sums across them. ``sequence_aware`` over
+    ``n // seq_len`` sequences, each keeping its ``min_tokens`` hardest rows."""
     from cggr.core import _select_and_reduce_rows
     from cggr.ops import triton_backend
     from cggr.scoring import RowStats
 
+    seq_shape = None
+    if selection == "sequence_aware":
+        seq_len = min(seq_len, n)
+        seq_shape, n = (n // seq_len, seq_len), n // seq_len * seq_len
     g = torch.Generator().manual_seed(seed)
     columns = torch.rand(n, len(RowStats._fields), generator=g)
     columns[:, 7] = torch.randint(0, levels, (n,), generator=g) / max(levels - 1, 1)  # scores with many ties
@@ -278,10 +284,11 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
     config = triton_backend.launch_config if chunk is None else _fixed_block(chunk)
     with mock.patch.object(triton_backend, "launch_config", config):
         got = triton_backend.select(stats, valid, spec, LossOptions(
-            selection=selection, reduction=reduction, num_strata=strata, generator=torch.Generator().manual_seed(seed)))
+            selection=selection, reduction=reduction, num_strata=strata, min_tokens_per_sequence=min_tokens,
+            generator=torch.Generator().manual_seed(seed)), seq_shape)
     want = _select_and_reduce_rows(stats, valid, spec, LossOptions(
-        selection=selection, reduction=reduction, num_strata=strata, generator=torch.Generator().manual_seed(seed)),
-        None)
+        selection=selection, reduction=reduction, num_strata=strata, min_tokens_per_sequence=min_tokens,
+        generator=torch.Generator().manual_seed(seed)), seq_shape)
     if got is None:  # stratified over more rows than one block: the PyTorch path
         assert selection == "stratified" and chunk is not None and n > chunk
         return

@@ -117,7 +117,7 @@ def select_and_reduce(
         return select_and_reduce_over_group(stats, valid, ratio, opts, seq_shape)
     if callable(ratio):
         ratio = ratio(mean_confidence(stats, valid))
-    fused = fused_select(stats, valid, ratio, opts) if fused_select is not None else None
+    fused = fused_select(stats, valid, ratio, opts, seq_shape) if fused_select is not None else None
     if fused is None:
         fused = _select_and_reduce_rows(stats, valid, ratio, opts, seq_shape)
     mask, weight, coef, loss, n_valid, n_selected = fused

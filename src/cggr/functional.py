@@ -1,6 +1,7 @@
 """Stateless CGGR losses: ``cggr_cross_entropy`` and ``cggr_linear_cross_entropy``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -23,6 +24,10 @@ Ratio = Union[float, torch.Tensor, Curriculum]
 # write of the whole weight gradient, and fewer rows per launch leave the statistics kernel
 # short of bandwidth.
 _LINEAR_CHUNK_ELEMENTS = 1 << 27
+# A head of at most this many multiply-adds (N * H * V) whose logits fit one chunk is formed whole
+# with F.linear: recomputing the kept rows in the backward would save at most 2**37 FLOPs
+# (about 0.2 ms on a current GPU) for more host time than that (launches, Python, autograd).
+_MATERIALISE_MAX_MACS = 1 << 35
 
 
 def cggr_cross_entropy(
@@ -134,8 +139,11 @@ def cggr_linear_cross_entropy(
             columns: slower than the default there, in less memory.
 
     The backward recomputes logits only for the selected rows, so its matmuls cost in
-    proportion to the tokens kept. ``inplace_backward`` is accepted and has no effect here:
-    the recomputed logits are always overwritten by their gradient.
+    proportion to the tokens kept. A small head (all rows in one chunk and at most 2**35
+    multiply-adds, e.g. 8192 tokens, H=256, V=16384) is instead formed whole, as ``F.linear``
+    would, and its backward spans every row: at that size host time, not matmuls, sets the
+    pace. ``inplace_backward`` is accepted and has no effect here: the logits are always
+    overwritten by their gradient.
     """
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
@@ -322,6 +330,16 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
     chunk_rows = chunk_size or _default_chunk_rows(vocab_size)
+    if (weight_grad == "native" and n_rows <= chunk_rows
+            and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS):
+        # A small head: its logits are no larger than one chunk, so they are formed once and the
+        # logits loss writes its gradient into them; F.linear's backward does the two matmuls.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden2d, weight, bias)[None]
+            loss, info = cggr_cross_entropy_apply(logits, flat_targets, reference_loss, impl, ratio,
+                                                  dataclasses.replace(opts, inplace_backward=True), seq_shape,
+                                                  with_info=return_info, sink=sink)
+        return _finish(loss, info, targets.shape, opts, return_info)
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the autocast dtype already

@@ -135,10 +135,22 @@ def select_stratified(scores, valid, k, n_valid, num_strata, generator):
     return mask, mask.to(scores.dtype)
 
 
-def select_sequence_aware(scores, valid, k, seq_shape, min_tokens_per_sequence):
+def forced_rows(scores, valid, seq_shape, min_tokens_per_sequence: int) -> torch.Tensor:
+    """``[N]`` bool: each sequence's ``min(m, its n_valid)`` hardest valid rows, ties to the lower
+    index, NaN hardest (the rows ``sequence_aware`` keeps whatever the budget)."""
     batch, seq_len = seq_shape
+    if min_tokens_per_sequence == 0 or scores.numel() == 0:
+        return torch.zeros_like(valid)
+    if min_tokens_per_sequence == 1:  # argmax returns the first of equal maxima: no sort needed
+        hardest = _ranking_key(scores, valid).view(batch, seq_len).argmax(dim=1, keepdim=True)
+        first = torch.zeros((batch, seq_len), dtype=torch.bool, device=valid.device).scatter_(1, hardest, True)
+        return valid & first.view(-1)
     per_seq_rank = hardness_rank(scores.view(batch, seq_len), valid.view(batch, seq_len))
-    forced = valid & (per_seq_rank.reshape(-1) < min_tokens_per_sequence)
+    return valid & (per_seq_rank.reshape(-1) < min_tokens_per_sequence)
+
+
+def select_sequence_aware(scores, valid, k, seq_shape, min_tokens_per_sequence):
+    forced = forced_rows(scores, valid, seq_shape, min_tokens_per_sequence)
     extra_budget = (k - forced.sum()).clamp(min=0)
     rest = valid & ~forced
     extra = rest & (hardness_rank(scores, rest) < extra_budget)

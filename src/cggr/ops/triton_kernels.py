@@ -391,8 +391,8 @@ def select_topk_kernel(
     cost the host more than this costs the GPU.
 
     The keys are the float32 scores (``topk``; in [0, 1], NaN ranked as +inf, so their bits
-    order like the numbers) or non-negative int32 random keys (``random``), ``KEY_STRIDE``
-    apart. REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
+    order like the numbers) or non-negative int32 keys (``random``: random; ``sequence_aware``:
+    score bits, the forced rows' raised to the largest), ``KEY_STRIDE`` apart. REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
     walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
     kept in registers."""
     cols = tl.arange(0, CHUNK)
