@@ -392,9 +392,9 @@ def select_topk_kernel(
 
     The keys are the float32 scores (``topk``; in [0, 1], NaN ranked as +inf, so their bits
     order like the numbers) or non-negative int32 keys (``random``: random; ``sequence_aware``:
-    score bits, the forced rows' raised to the largest), ``KEY_STRIDE`` apart. REDUCTION: 0 mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are
-    walked CHUNK at a time; when they all fit one step (ONE_STEP) their keys are read once and
-    kept in registers."""
+    score bits, the forced rows' raised to the largest), ``KEY_STRIDE`` apart. REDUCTION: 0
+    mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are walked CHUNK at a
+    time; when they all fit one step (ONE_STEP) their keys are read once and kept in registers."""
     cols = tl.arange(0, CHUNK)
     if ONE_STEP:
         first_key, first_valid = _topk_key(keys_ptr, valid_ptr, cols, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
