@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..scoring import SCORINGS, RowStats, scoring_reads
-from ..selection import forced_rows, random_keys, ratio_tensor
+from ..selection import forced_rows, random_keys
 from . import reference, triton_interpreting
 from .launch import launch
 from .reference import compute_dtype
@@ -320,20 +320,6 @@ def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch
     return out if _launch_scale(out, src, scale, True) else reference.add_mul_(out, src, scale)
 
 
-def _sequence_aware_keys(score, valid, ratio, seq_shape, min_tokens_per_sequence):
-    """``sequence_aware`` as a top-k: (int32 keys, float64 0-d ratio). Each sequence's forced
-    rows get the largest key and every other row its score's bits (scores lie in [0, 1], NaN as
-    +inf: the bits order like the numbers), so the k' largest keys, ties to the lower index, are
-    the forced rows and then the hardest of the rest; the ratio is raised so that the budget is
-    k' = max(k, forced), as ``ceil(n_valid * forced / n_valid - 1e-6)`` is ``forced`` exactly."""
-    forced = forced_rows(score, valid, seq_shape, min_tokens_per_sequence)
-    bits = torch.where(score == score, score + 0.0, float("inf")).view(torch.int32)  # + 0.0: -0.0 as 0
-    keys = torch.where(forced, torch.iinfo(torch.int32).max, bits)
-    n_valid = valid.sum().clamp(min=1).to(torch.float64)
-    floor = forced.sum().to(torch.float64) / n_valid
-    return keys, torch.maximum(ratio_tensor(ratio, score.device), floor)
-
-
 _REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 _IMPORTANCE_ITERATIONS = 40  # halvings of log c over 101 octaves: c within 2e-10 relative, then solved
 _MAX_FUSED_STRATA = 64  # more strata than this (or more rows than one block) take the PyTorch path
@@ -384,15 +370,15 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
             strata = 1 << max(opts.num_strata - 1, 0).bit_length()
             launch(select_stratified_kernel, 1, base, valid, keys, ratio_ptr, ratio_bits, *outputs, opts.num_strata,
                    SCORE_COL=_SCORE_COL, STRATA=strata, **common)
-        elif opts.selection == "sequence_aware":
-            keys, budget = _sequence_aware_keys(stats.score, valid, ratio, seq_shape, opts.min_tokens_per_sequence)
-            launch(select_topk_kernel, 1, keys, base, valid, budget, 0, *outputs, KEY_STRIDE=1,
-                   KEYS_ARE_SCORES=False, ONE_STEP=one_step, **{**common, "RATIO_FROM_PTR": True})
         else:
-            if opts.selection == "topk":
-                keys, key_stride = stats.score, _N_STATS
-            else:
+            forced = valid  # read only for sequence_aware: each sequence's hardest rows, kept first
+            if opts.selection == "sequence_aware":
+                forced = forced_rows(stats.score, valid, seq_shape, opts.min_tokens_per_sequence)
+            if opts.selection == "random":
                 keys, key_stride = random_keys(n_rows, device, opts.generator), 1
-            launch(select_topk_kernel, 1, keys, base, valid, ratio_ptr, ratio_bits, *outputs,
-                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection == "topk", ONE_STEP=one_step, **common)
+            else:
+                keys, key_stride = stats.score, _N_STATS
+            launch(select_topk_kernel, 1, keys, base, valid, forced, ratio_ptr, ratio_bits, *outputs,
+                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection != "random", ONE_STEP=one_step,
+                   FORCED=opts.selection == "sequence_aware", **common)
     return mask, weight, coef, row_loss, counts[0], counts[1]

@@ -380,10 +380,11 @@ def _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR: tl.constex
 
 @triton.jit
 def select_topk_kernel(
-    keys_ptr, stats_ptr, valid_ptr, ratio_ptr, ratio_bits,
+    keys_ptr, stats_ptr, valid_ptr, forced_ptr, ratio_ptr, ratio_bits,
     mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
     KEY_STRIDE: tl.constexpr, KEYS_ARE_SCORES: tl.constexpr, STATS_WIDTH: tl.constexpr, LOSS_COL: tl.constexpr,
     RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
+    FORCED: tl.constexpr,
 ):
     """The k rows of largest key, ties to the lower row index, and the reduction, in one program:
     k from the valid count, the k-th largest key by a 4-pass radix select on its bits, then
@@ -391,16 +392,27 @@ def select_topk_kernel(
     cost the host more than this costs the GPU.
 
     The keys are the float32 scores (``topk``; in [0, 1], NaN ranked as +inf, so their bits
-    order like the numbers) or non-negative int32 keys (``random``: random; ``sequence_aware``:
-    score bits, the forced rows' raised to the largest), ``KEY_STRIDE`` apart. REDUCTION: 0
-    mean, 1 sum, 2 none. ``counts`` receives (n_valid, n_selected). Rows are walked CHUNK at a
-    time; when they all fit one step (ONE_STEP) their keys are read once and kept in registers."""
+    order like the numbers) or non-negative int32 random keys (``random``), ``KEY_STRIDE``
+    apart. With FORCED (``sequence_aware``) the valid rows where ``forced_ptr`` is set rank
+    above every other row and k becomes max(k, their count), so they are all kept and the rest
+    of the budget goes to the largest keys. REDUCTION: 0 mean, 1 sum, 2 none. ``counts``
+    receives (n_valid, n_selected). Rows are walked CHUNK at a time; when they all fit one step
+    (ONE_STEP) their keys are read once and kept in registers."""
     cols = tl.arange(0, CHUNK)
     if ONE_STEP:
-        first_key, first_valid = _topk_key(keys_ptr, valid_ptr, cols, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
+        first_key, first_valid = _selection_key(keys_ptr, valid_ptr, forced_ptr, cols, n_rows, KEY_STRIDE,
+                                                KEYS_ARE_SCORES, FORCED)
     else:  # never read: every step loads its own keys
         first_key, first_valid = cols, cols < 0
     n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
+    if FORCED:
+        n_forced = k - k
+        for start in range(0, n_rows, CHUNK):
+            offs = start + cols
+            forced = (tl.load(forced_ptr + offs, mask=offs < n_rows, other=0) != 0)
+            forced = forced & (tl.load(valid_ptr + offs, mask=offs < n_rows, other=0) != 0)
+            n_forced += tl.sum(forced.to(tl.int64), 0)
+        k = tl.maximum(k, n_forced)
 
     bins = tl.arange(0, 256)
     # prefix: the high bits of the k-th largest key found so far; remaining: rows still to place
@@ -415,8 +427,8 @@ def select_topk_kernel(
             shift = 24 - 8 * digit_index
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, n_rows, CHUNK):
-                key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, start + cols, n_rows,
-                                        KEY_STRIDE, KEYS_ARE_SCORES, ONE_STEP)
+                key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, start + cols,
+                                        n_rows, KEY_STRIDE, KEYS_ARE_SCORES, ONE_STEP, FORCED)
                 if digit_index > 0:
                     valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
@@ -435,8 +447,8 @@ def select_topk_kernel(
     for start in range(0, n_rows, CHUNK):
         offs = start + cols
         in_range = offs < n_rows
-        key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE,
-                                KEYS_ARE_SCORES, ONE_STEP)
+        key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE,
+                                KEYS_ARE_SCORES, ONE_STEP, FORCED)
         tie = valid & (key == prefix)
         tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
         chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
@@ -456,13 +468,25 @@ def select_topk_kernel(
 
 
 @triton.jit
-def _step_keys(first_key, first_valid, keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr,
-               KEYS_ARE_SCORES: tl.constexpr, ONE_STEP: tl.constexpr):
+def _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr,
+               KEYS_ARE_SCORES: tl.constexpr, ONE_STEP: tl.constexpr, FORCED: tl.constexpr):
     """The keys of rows ``offs``: those read at the start when there is one step only."""
     if ONE_STEP:
         key, valid = first_key, first_valid
     else:
-        key, valid = _topk_key(keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
+        key, valid = _selection_key(keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE, KEYS_ARE_SCORES,
+                                    FORCED)
+    return key, valid
+
+
+@triton.jit
+def _selection_key(keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE: tl.constexpr,
+                   KEYS_ARE_SCORES: tl.constexpr, FORCED: tl.constexpr):
+    """:func:`_topk_key`, with the forced rows' keys raised above every score's (FORCED)."""
+    key, valid = _topk_key(keys_ptr, valid_ptr, offs, n_rows, KEY_STRIDE, KEYS_ARE_SCORES)
+    if FORCED:
+        forced = tl.load(forced_ptr + offs, mask=offs < n_rows, other=0) != 0
+        key = tl.where(forced, 0x7FFFFFFF, key)
     return key, valid
 
 
