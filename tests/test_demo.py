@@ -15,6 +15,7 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     assert main(["demo", "--steps", "6", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "held-out loss" in printed and "random (control)" in printed
+    assert "nats" in printed and "random selection of as many tokens" in printed  # the verdict in words
     result = json.loads((out / "demo.json").read_text())
     assert [row["arm"] for row in result["summary"]] == ["full loss", "CGGR gradnorm/importance", "random (control)"]
     assert os.path.getsize(out / "demo.png") > 10_000
@@ -22,6 +23,7 @@ def test_demo_writes_table_plot_and_json(tmp_path, capsys):
     assert full["tokens_carried_loss"] == full["tokens_seen"]
     assert cggr["tokens_carried_loss"] < cggr["tokens_seen"]
     assert cggr["tokens_carried_loss"] == control["tokens_carried_loss"]  # same schedule, same count
+    assert result["ratio"] == 0.5  # the recommended ratio by default
 
 
 @pytest.mark.parametrize("args,word", [
