@@ -86,9 +86,9 @@ def test_stratified_draws_uniformly_inside_a_stratum():
 
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 6), t=st.integers(1, 12), ratio=st.floats(0.01, 1.0), m=st.integers(0, 3),
-       seed=st.integers(0, 9999))
-def test_sequence_aware_coverage(b, t, ratio, m, seed):
-    scores, valid = _random_scores(b * t, seed)
+       ties=st.booleans(), seed=st.integers(0, 9999))
+def test_sequence_aware_coverage(b, t, ratio, m, ties, seed):
+    scores, valid = _random_scores(b * t, seed, ties)
     mask, _ = select_rows(scores, valid, ratio, selection="sequence_aware", seq_shape=(b, t),
                           min_tokens_per_sequence=m)
     k = int(token_budget(ratio, valid.sum()))
