@@ -286,8 +286,10 @@ def test_linear_path_compiles_and_makes_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for ratio in (0.25, 1.0):
-            loss = cggr_linear_cross_entropy(hidden, weight, targets, ratio, check_targets=False, chunk_size=200)
-            torch.autograd.grad(loss, (hidden, weight))
+            for chunk_size in (200, None):  # chunks with recomputation; the small head formed whole
+                loss = cggr_linear_cross_entropy(hidden, weight, targets, ratio, check_targets=False,
+                                                 chunk_size=chunk_size)
+                torch.autograd.grad(loss, (hidden, weight))
         # In place at ratio 1 with 64-row chunks: half the weight gradient held from the forward.
         cggr_linear_cross_entropy(hidden, weight, targets, 1.0, check_targets=False, chunk_size=64,
                                   weight_grad_in_place=True).backward()

@@ -154,10 +154,13 @@ def test_torch_compile_fullgraph_on_cpu():
     def linear(h, w, t):
         return cggr_linear_cross_entropy(h, w, t, 0.5, selection="topk")
 
+    def linear_chunked(h, w, t):  # more rows than a chunk: the recomputing path, not the whole head
+        return cggr_linear_cross_entropy(h, w, t, 0.5, selection="topk", chunk_size=5)
+
     def plain(x, t):
         return cggr_cross_entropy(x, t, 0.5, selection="topk")
 
-    for fn, args in ((linear, (hidden, weight)), (plain, (hidden @ weight.T,))):
+    for fn, args in ((linear, (hidden, weight)), (linear_chunked, (hidden, weight)), (plain, (hidden @ weight.T,))):
         eager = [a.clone().requires_grad_(True) for a in args]
         compiled = [a.clone().requires_grad_(True) for a in args]
         expected = fn(*eager, targets)
