@@ -74,10 +74,25 @@ IN_PLACE = {
 }
 
 
-def measure(fn, hidden, weight, targets, keep_grads):
-    h = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    return time_and_peak(lambda: fn(h, w, targets).backward(), [h, w], rep_ms=300, keep_grads=keep_grads)
+# The head of a Trainer(bf16=True) run: fp32 hidden and weight under bf16 autocast, gradients
+# back in fp32; against the same call on bf16 tensors, it isolates what autocast costs the head.
+AUTOCAST = {
+    "cggr linear r=1.0 fp32 + autocast": _linear(1.0),
+    "cggr linear r=0.25 importance fp32 + autocast": _linear(0.25),
+    "h @ W.T + F.cross_entropy fp32 + autocast": lambda h, w, t: F.cross_entropy(h @ w.T, t),
+}
+
+
+def measure(fn, hidden, weight, targets, keep_grads, autocast=False):
+    dtype = torch.float32 if autocast else hidden.dtype
+    h = hidden.to(dtype, copy=True).requires_grad_(True)
+    w = weight.to(dtype, copy=True).requires_grad_(True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, w, targets)
+        loss.backward()
+    return time_and_peak(step, [h, w], rep_ms=300, keep_grads=keep_grads)
 
 
 def sweep_held(n=8192, h_dim=4096, v=128256):
@@ -121,12 +136,12 @@ def main():
         weight = torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5
         targets = torch.randint(0, v, (n,), device="cuda")
         targets[torch.rand(n, device="cuda") < 0.1] = -100
-        every = {**methods(), **IN_PLACE}
+        every = {**methods(), **IN_PLACE, **AUTOCAST}
         runs = [(name, fn, keep_grads) for keep_grads in ((False, True) if args.kept else (False,))
                 for name, fn in every.items()]
         for name, fn, keep_grads in runs:
             try:
-                ms, peak = measure(fn, hidden, weight, targets, keep_grads)
+                ms, peak = measure(fn, hidden, weight, targets, keep_grads, autocast=name in AUTOCAST)
             except Exception as error:  # report, keep measuring the rest
                 print(f"{name} at N={n} H={h_dim} V={v} failed: {error!r}")
                 continue

@@ -28,7 +28,8 @@ from them by `python bench/report.py --write`; the project README quotes the hea
   compiled, and Liger-Kernel when it is installed.
 - `python bench/bench_linear.py [--kept] [--held]`: the LM head plus the loss, gradients to
   hidden and weight, against `hidden @ W.T` + `F.cross_entropy`, and Liger's and
-  cut-cross-entropy's fused losses when installed.
+  cut-cross-entropy's fused losses when installed; every selection at ratio 0.25, and fp32
+  tensors under bf16 autocast (the head of a `Trainer(bf16=True)` run).
 - `python bench/bench_e2e.py [--max-batch]`: whole training steps of SmolLM2-135M, Qwen2.5-0.5B
   and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss and Liger's patch.
 - `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
