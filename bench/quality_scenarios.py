@@ -63,6 +63,7 @@ ARMS = {"full": None, "full/fused": ("gradnorm", "importance"), "random": ("grad
 SELECTIVE = ("random", "importance/gradnorm", "topk/excess", "importance/excess")
 SCENARIOS = ("clean", "noisy", "finetune")
 REFERENCE_SHAPE = dict(n_layer=2, n_head=4, d_model=128)
+CURRICULUM_FRACTION = TrainConfig.curriculum_fraction  # ratio 1 -> r over this share of the steps
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -147,7 +148,8 @@ def autocast(device):
 class Step:
     """One arm's training step on a model: the plain loss or the fused head with a curriculum."""
 
-    def __init__(self, model, arm, ratio, steps, seed, reference=None, curriculum_fraction=0.25):
+    def __init__(self, model, arm, ratio, steps, seed, reference=None,
+                 curriculum_fraction=CURRICULUM_FRACTION):
         self.model, self.reference = model, reference
         self.scoring_selection = ARMS[arm]
         device = next(model.parameters()).device
@@ -175,6 +177,16 @@ class Step:
             self.curriculum.step()
 
 
+def optimizer_step(model, optimizer, step_fn, inputs, targets, device):
+    """One training step: the arm's loss under bf16 autocast, backward, clipping at norm 1, AdamW."""
+    with autocast(device):
+        loss = step_fn.loss(inputs, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(model, stream, config, seed, step_fn_args, eval_batches=None, eval_points=6):
     """Trains ``model`` in place for ``config.steps`` steps; returns [(step, held-out loss)]."""
     device = torch.device(config.device)
@@ -186,12 +198,7 @@ def train(model, stream, config, seed, step_fn_args, eval_batches=None, eval_poi
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         inputs, targets = sample_batch(stream, config.batch, model.config.seq_len, order, device)
-        with autocast(device):
-            loss = step_fn.loss(inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, step_fn, inputs, targets, device)
         step_fn.advance()
         if eval_batches is not None and ((step + 1) % max(1, config.steps // eval_points) == 0
                                          or step + 1 == config.steps):
@@ -268,12 +275,7 @@ def calibrate(model_config, config, data, ratios, repeats=20):
             sync(device)
             start = time.perf_counter()
             for inputs, targets in batches:
-                with autocast(device):
-                    loss = step_fn.loss(inputs, targets)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(model, optimizer, step_fn, inputs, targets, device)
             sync(device)
             if attempt:
                 best = min(best, (time.perf_counter() - start) / repeats)
@@ -288,7 +290,7 @@ def calibrate(model_config, config, data, ratios, repeats=20):
     return table
 
 
-def step_seconds(calibration, arm, ratio, step, steps, curriculum_fraction=0.25):
+def step_seconds(calibration, arm, ratio, step, steps, curriculum_fraction=CURRICULUM_FRACTION):
     """Modelled seconds of step ``step`` (0-based): the curriculum's ratio at that step,
     interpolated between the arm's times at ratio 1 and at ``ratio``."""
     times = calibration[arm]

@@ -405,13 +405,11 @@ def select_topk_kernel(
     else:  # never read: every step loads its own keys
         first_key, first_valid = cols, cols < 0
     n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
-    if FORCED:
+    if FORCED:  # the forced rows are valid ones (cggr.selection.forced_rows)
         n_forced = k - k
         for start in range(0, n_rows, CHUNK):
             offs = start + cols
-            forced = (tl.load(forced_ptr + offs, mask=offs < n_rows, other=0) != 0)
-            forced = forced & (tl.load(valid_ptr + offs, mask=offs < n_rows, other=0) != 0)
-            n_forced += tl.sum(forced.to(tl.int64), 0)
+            n_forced += tl.sum((tl.load(forced_ptr + offs, mask=offs < n_rows, other=0) != 0).to(tl.int64), 0)
         k = tl.maximum(k, n_forced)
 
     bins = tl.arange(0, 256)
