@@ -78,7 +78,7 @@ def patch(model, method):
     raise ValueError(method)
 
 
-def time_steps(model, batch, autocast, steps=8, warmup=3):
+def time_steps(model, batch, autocast, steps=12, warmup=3):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     vocab = model.config.vocab_size
@@ -129,6 +129,9 @@ def main():
                         help="search the largest batch for these models (all if none named)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+
+    def save(rows):
+        write_result("e2e", args.out, rows, ("transformers", "triton", "liger-kernel", "cut-cross-entropy"))
     methods = ["own loss", "liger", "cut-cross-entropy", "cggr r=1.0", "cggr r=0.5", "cggr r=0.25",
                "cggr r=0.25 random"]
     rows = []
@@ -165,12 +168,15 @@ def main():
                     undo()
             del model
             torch.cuda.empty_cache()
+        save(rows)  # so far: a run cut short keeps what it measured
     # Last: a failed allocation can leave memory behind, which would inflate later peaks.
     for name in (args.models if args.max_batch == [] else args.max_batch or []):
         for precision in args.precisions:
             for method in ("own loss", "cggr r=1.0"):
                 rows.append(dict(model=name, precision=precision, method=method, seq_len=SEQ_LEN,
                                  max_batch=max_batch(name, method, precision != "bf16", MODELS[name][2])))
+                print(rows[-1], flush=True)
+                save(rows)
     print(f"\n{'model':<14} {'precision':<14} {'method':<20} {'batch':>5} {'ms':>8} {'tok/s':>9} {'peak GB':>8}")
     for row in rows:
         if "max_batch" in row:
@@ -180,7 +186,7 @@ def main():
         else:
             print(f"{row['model']:<14} {row['precision']:<14} {row['method']:<20} {row['batch']:>5} {row['ms']:8.1f} "
                   f"{row['tokens_per_s']:9.0f} {row['peak_bytes'] / 1e9:8.1f}")
-    write_result("e2e", args.out, rows, ("transformers", "triton", "liger-kernel", "cut-cross-entropy"))
+    save(rows)
 
 
 if __name__ == "__main__":
