@@ -236,3 +236,26 @@ def test_small_head_formed_whole_matches_the_chunked_path(monkeypatch, selection
             assert a is None and c is None
         else:
             torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("ratio,chunk_size", [(1.0, 5), (0.3, None), (1.0, None)])
+def test_no_gradient_formed_without_autograd(monkeypatch, ratio, chunk_size):
+    """Ratio 1 and a small head form their gradients in the forward, but not under no_grad or
+    when no input needs one; a second backward (retain_graph) recomputes what the first used up."""
+    formed = []
+    original_add = autograd._HeadGrads.add
+    monkeypatch.setattr(autograd._HeadGrads, "add", lambda self, *a: formed.append(1) or original_add(self, *a))
+    hidden, weight, b, targets = _problem()
+    with torch.no_grad():
+        cggr_linear_cross_entropy(hidden.requires_grad_(True), weight, targets, ratio, bias=b, chunk_size=chunk_size)
+    cggr_linear_cross_entropy(hidden.detach(), weight, targets, ratio, bias=b, chunk_size=chunk_size)
+    assert not formed
+    h, w = hidden.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=chunk_size,
+                                     generator=torch.Generator().manual_seed(1))
+    assert formed
+    (2.5 * loss).backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    (2.5 * loss).backward()
+    torch.testing.assert_close((h.grad, w.grad), first)

@@ -176,3 +176,34 @@ def test_topk_mask_and_loss_against_a_sort(n, ratio, smoothing, reduction, seed)
     kept = torch.where(expected, per_row, torch.zeros_like(per_row))
     want = {"none": kept, "sum": kept.sum(), "mean": kept.sum() / max(k, 1)}[reduction]
     torch.testing.assert_close(loss, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(selection=st.sampled_from(SELECTIONS), reduction=st.sampled_from(["mean", "sum"]),
+       scoring=st.sampled_from(["gradnorm", "combined", "excess"]), ratio=st.sampled_from([0.3, 1.0]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), upstream=st.sampled_from([1.0, 2.5, 1 / 3]),
+       backend=st.sampled_from(["torch", "triton"]), seed=st.integers(0, 99))
+def test_gradient_formed_in_the_forward_equals_the_backward_one(selection, reduction, scoring, ratio, dtype, upstream,
+                                                                backend, seed):
+    """Small logits get their gradient in the forward and the backward scales it; larger ones get
+    it in the backward. Both give the same gradient for any upstream gradient, and a second
+    backward (retain_graph) gives it again."""
+    import cggr.ops.autograd as autograd
+
+    logits, targets = make_batch((2, 9), 11, dtype, seed=seed)
+    kw = dict(selection=selection, reduction=reduction, backend=backend, **scoring_options(scoring, targets, seed))
+    grads = []
+    for limit in (1 << 27, 0):  # in the forward, then in the backward
+        original, autograd._GRAD_NOW_MAX_ELEMENTS = autograd._GRAD_NOW_MAX_ELEMENTS, limit
+        try:
+            x = logits.clone().requires_grad_(True)
+            loss = cggr_cross_entropy(x, targets, ratio, generator=torch.Generator().manual_seed(seed), **kw)
+            (upstream * loss).backward(retain_graph=True)
+            first = x.grad.clone()
+            x.grad = None
+            (upstream * loss).backward()
+            torch.testing.assert_close(x.grad, first)
+            grads.append(first)
+        finally:
+            autograd._GRAD_NOW_MAX_ELEMENTS = original
+    torch.testing.assert_close(grads[0], grads[1])

@@ -1,7 +1,6 @@
 """Stateless CGGR losses: ``cggr_cross_entropy`` and ``cggr_linear_cross_entropy``."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Tuple, Union
 
@@ -11,7 +10,7 @@ from . import _validation as check
 from .core import LossOptions, RatioSpec
 from .info import CGGRInfo
 from .ops import get_backend
-from .ops.autograd import cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
+from .ops.autograd import HeadPlan, cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
 from .schedule import Curriculum
 
 __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy", "reference_token_loss"]
@@ -24,9 +23,10 @@ Ratio = Union[float, torch.Tensor, Curriculum]
 # write of the whole weight gradient, and fewer rows per launch leave the statistics kernel
 # short of bandwidth.
 _LINEAR_CHUNK_ELEMENTS = 1 << 27
-# A head of at most this many multiply-adds (N * H * V) whose logits fit one chunk is formed whole
-# with F.linear: recomputing the kept rows in the backward would save at most 2**37 FLOPs
-# (about 0.2 ms on a current GPU) for more host time than that (launches, Python, autograd).
+# A head of at most this many multiply-adds (N * H * V) whose logits fit one chunk is formed whole,
+# its gradients in the forward: recomputing the kept rows in the backward would save at most
+# 2**37 FLOPs (about 0.2 ms on a current GPU) for more host time than that (launches, Python,
+# autograd's hand-off of the backward to its device thread, with the GPU idle meanwhile).
 _MATERIALISE_MAX_MACS = 1 << 35
 
 
@@ -75,7 +75,9 @@ def cggr_cross_entropy(
     Returns:
         The loss (0-d, or ``targets``-shaped for ``reduction='none'``) in the logits' dtype for
         float32/float64 and float32 otherwise; with ``return_info=True``, ``(loss, CGGRInfo)``.
-        The gradient is exactly 0 on every row that was not selected.
+        The gradient is exactly 0 on every row that was not selected. For a scalar loss on logits
+        of at most 2**27 elements it is formed in the forward (with host time setting the pace,
+        the GPU then stays busy while autograd starts the backward), and the backward scales it.
     """
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
@@ -140,10 +142,11 @@ def cggr_linear_cross_entropy(
 
     The backward recomputes logits only for the selected rows, so its matmuls cost in
     proportion to the tokens kept. A small head (all rows in one chunk and at most 2**35
-    multiply-adds, e.g. 8192 tokens, H=256, V=16384) is instead formed whole, as ``F.linear``
-    would, and its backward spans every row: at that size host time, not matmuls, sets the
-    pace. ``inplace_backward`` is accepted and has no effect here: the logits are always
-    overwritten by their gradient.
+    multiply-adds, e.g. 8192 tokens, H=256, V=16384) is instead formed whole and its gradients
+    over every row are formed in the forward (the backward scales them by the upstream
+    gradient): at that size host time, not matmuls, sets the pace. So is ratio 1 with a scalar
+    loss, where every valid row is kept anyway. ``inplace_backward`` is accepted and has no
+    effect here: the logits are always overwritten by their gradient.
     """
     opts = _options(backend, scoring=scoring, selection=selection, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=label_smoothing, z_loss=z_loss, num_strata=num_strata,
@@ -329,25 +332,16 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
                                                             reference_loss)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
-    chunk_rows = chunk_size or _default_chunk_rows(vocab_size)
-    if (weight_grad == "native" and n_rows <= chunk_rows
-            and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS):
-        # A small head: its logits are no larger than one chunk, so they are formed once and the
-        # logits loss writes its gradient into them; F.linear's backward does the two matmuls.
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(hidden2d, weight, bias)[None]
-            loss, info = cggr_cross_entropy_apply(logits, flat_targets, reference_loss, impl, ratio,
-                                                  dataclasses.replace(opts, inplace_backward=True), seq_shape,
-                                                  with_info=return_info, sink=sink)
-        return _finish(loss, info, targets.shape, opts, return_info)
+    chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size), max(n_rows, 1))
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
+    plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
+                    whole=(weight_grad == "native" and n_rows <= chunk_rows
+                           and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS),
+                    grad_enabled=torch.is_grad_enabled() and not torch.compiler.is_compiling())
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the autocast dtype already
-        loss, info = cggr_linear_cross_entropy_apply(
-            hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio, opts, seq_shape,
-            min(chunk_rows, max(n_rows, 1)), max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
-            with_info=return_info, sink=sink,
-        )
+        loss, info = cggr_linear_cross_entropy_apply(hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio,
+                                                     opts, seq_shape, plan, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)
 
 

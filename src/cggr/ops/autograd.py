@@ -27,6 +27,10 @@ from ..scoring import RowStats
 from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
+# Logits of at most this many elements (256 MiB in bf16) get their gradient in the forward: at
+# that size host time, not memory traffic, sets the pace. The gradient is as large as the
+# logits and lives from the forward to the backward; the backward would allocate it anyway.
+_GRAD_NOW_MAX_ELEMENTS = 1 << 27
 
 
 def _outputs(ctx, stats, reduced, with_info, sink):
@@ -55,20 +59,33 @@ def _unpack(outputs, with_info: bool):
 
 
 class CGGRCrossEntropyFunction(torch.autograd.Function):
-    """loss = CGGR(logits); backward writes the gradient of selected rows only."""
+    """loss = CGGR(logits); the gradient is nonzero on selected rows only.
+
+    It is written in the backward, or with ``grad_now`` (small logits, a scalar loss, not in
+    place) in the forward, where the backward only scales it by the upstream gradient: with host
+    time setting the pace, work queued in the forward keeps the GPU busy while autograd hands the
+    backward to its device thread.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, reference_loss, backend, ratio: RatioSpec, opts: LossOptions, seq_shape,
-                with_info: bool, sink):
+                grad_now: bool, with_info: bool, sink):
         valid = targets != opts.ignore_index
         stats = backend.row_stats(logits, targets, valid, opts, reference_loss)
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
+        # A second backward (retain_graph) recomputes the gradient from the saved logits.
+        ctx.grad = None if not grad_now else backend.logits_grad(logits, targets, stats.lse, reduced.coef,
+                                                                 reduced.mask, opts)
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, stats, reduced, with_info, sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
+        n_inputs = 10
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+            return ctx.backend.mul_(grad, grad_loss), *([None] * (n_inputs - 1))
         logits, targets, lse, mask, coef = ctx.saved_tensors
         opts = ctx.opts
         grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
@@ -78,14 +95,17 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
             # that saved these logits for its own backward (relu, say) raises instead of
             # reading a gradient as its output.
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, *([None] * (n_inputs - 1))
 
 
 def cggr_cross_entropy_apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
                              with_info=True, sink=None):
     """Run the Function; returns ``(loss, CGGRInfo or None)`` with flat per-row info."""
+    grad_now = (torch.is_grad_enabled() and logits3d.requires_grad and opts.reduction != "none"
+                and not opts.inplace_backward and logits3d.numel() <= _GRAD_NOW_MAX_ELEMENTS
+                and not torch.compiler.is_compiling())  # a traced graph schedules the work itself
     outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
-                                             with_info, sink)
+                                             grad_now, with_info, sink)
     return _unpack(outputs, with_info)
 
 
@@ -120,22 +140,30 @@ class _HeadGrads:
     reading it."""
 
     def __init__(self, backend, hidden, weight, has_bias, need_hidden, need_weight, weight_grad, *,
-                 every_row=False, vocab_start=0, defer=False):
+                 every_row=False, vocab_start=0, defer=False, whole=False):
         self.backend = backend
         self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
         self.vocab_start, self.defer = vocab_start, defer
-        # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill.
-        self.hidden = None if not need_hidden else (torch.empty_like(hidden) if every_row else torch.zeros_like(hidden))
+        self.need_hidden, self.whole = need_hidden, whole
+        # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill;
+        # a whole head's one chunk makes it.
+        self.hidden = None
+        if need_hidden and not whole:
+            self.hidden = torch.empty_like(hidden) if every_row else torch.zeros_like(hidden)
         self.weight_grad = self.bias = None
         self.in_place = need_weight and weight_grad == "in_place"
         if self.in_place and not defer:
             self.weight_grad = _existing_grad(weight)[vocab_start:]
 
-    def add(self, index: torch.Tensor, h: torch.Tensor, grad_logits: torch.Tensor) -> None:
-        """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H])."""
-        if self.hidden is not None:
-            self.hidden.index_copy_(0, index, grad_logits @ self.weight)
+    def add(self, index: Optional[torch.Tensor], h: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """``grad_logits`` [C, V] are the logits gradients of rows ``index`` [C] (hidden ``h`` [C, H]);
+        ``index`` None: of every row, in a whole head's one call."""
+        if self.need_hidden:
+            if index is None:
+                self.hidden = grad_logits @ self.weight
+            else:
+                self.hidden.index_copy_(0, index, grad_logits @ self.weight)
         if self.need_weight:
             g, x = grad_logits[:, self.vocab_start:].t().to(self.acc_dtype), h.to(self.acc_dtype)
             self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
@@ -167,40 +195,59 @@ class _HeadGrads:
         return scaled(self.hidden, hidden_dtype), weight_grad, scaled(self.bias, bias_dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadPlan:
+    """How the linear path runs one call, chosen on the host by :mod:`cggr.functional`."""
+
+    chunk_rows: int  # rows of logits formed at once
+    max_selected: int  # a bound on the rows a selection keeps: the backward recomputes this many
+    weight_grad: str = "native"  # 'native' (weight dtype), 'fp32' or 'in_place' (into weight.grad)
+    whole: bool = False  # a small head: every row in one chunk, every gradient formed in the forward
+    grad_enabled: bool = True  # autograd records the call, eagerly (else no gradient is formed in the forward)
+
+
 class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     """CGGR over ``hidden @ weight.T + bias`` without materialising the whole logits.
 
     Forward: logits chunk by chunk, statistics of every row, selection over the batch.
-    Backward: logits recomputed only for (at most ``max_selected``) rows, selected first,
+    Backward: logits recomputed only for (at most ``plan.max_selected``) rows, selected first,
     so the three backward matmuls cost in proportion to the rows kept.
-    At ratio 1 every valid row is selected whatever the strategy, so (for a scalar loss)
-    the gradients are formed in the forward instead, from logits that already exist; with
-    ``weight_grad='in_place'`` only those of the last weight rows (see ``_HELD_CHUNKS``), and the
-    backward recomputes the logits of the leading columns for the rest of the weight gradient.
+    The gradients are formed in the forward instead, from logits that already exist (for a scalar
+    loss; the backward then only scales them by the upstream gradient), in two cases:
+
+    * ratio 1: every valid row is selected whatever the strategy. With ``weight_grad='in_place'``
+      only the gradient of the last weight rows (see ``_HELD_CHUNKS``), and the backward
+      recomputes the logits of the leading columns for the rest of the weight gradient.
+    * ``plan.whole``: a small head, whose logits are one chunk. Host time sets its pace, and work
+      queued in the forward keeps the GPU busy while autograd hands the backward to its thread.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
-                chunk_rows: int, max_selected: int, weight_grad: str, with_info: bool, sink):
+                plan: HeadPlan, with_info: bool, sink):
         valid = targets != opts.ignore_index
-        grads_now = (isinstance(ratio, float) and ratio == 1.0 and opts.reduction != "none"
-                     and opts.process_group is None)
-        if grads_now:
-            need_weight = ctx.needs_input_grad[1]
-            recompute_cols = _recomputed_columns(*weight.shape, chunk_rows, weight_grad)
+        tracked = plan.grad_enabled and any(ctx.needs_input_grad[:3]) and opts.reduction != "none"
+        whole = tracked and plan.whole and hidden.shape[0] > 0
+        at_one = (tracked and not whole and isinstance(ratio, float) and ratio == 1.0
+                  and opts.process_group is None)
+        grads = None
+        if whole or at_one:
+            recompute_cols = 0 if whole else _recomputed_columns(*weight.shape, plan.chunk_rows, plan.weight_grad)
             # With every column recomputed the forward holds an empty [0, H] weight gradient.
-            grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0], need_weight,
-                               weight_grad, every_row=True, vocab_start=recompute_cols, defer=True)
+            grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
+                               ctx.needs_input_grad[1], plan.weight_grad, every_row=True, vocab_start=recompute_cols,
+                               defer=True, whole=whole)
+        if at_one:
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
-        for rows in _chunks(hidden.shape[0], chunk_rows):
+        for rows in _chunks(hidden.shape[0], plan.chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
             chunk_ref = None if reference_loss is None else reference_loss[rows]
             chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
             stats_parts.append(chunk_stats.columns())
-            if grads_now:
+            if at_one:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
                 coef = coef if denominator is None else coef / denominator
                 grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows], opts,
@@ -208,15 +255,19 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
                 del grad_logits  # a view of this chunk's logits: freed before the next chunk is made
-            del logits
+            if not whole:
+                del logits
         if not stats_parts:  # no rows at all
             stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
         stats = RowStats.from_columns(stats_parts[0] if len(stats_parts) == 1 else torch.cat(stats_parts))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
-        ctx.backend, ctx.opts = backend, opts
-        ctx.chunk_rows, ctx.max_selected, ctx.weight_grad = chunk_rows, max_selected, weight_grad
+        if whole:  # the one chunk's logits become their gradient, zero on the rows not selected
+            grads.add(None, hidden, backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask,
+                                                        opts, out=logits)[0])
+            del logits
+        ctx.backend, ctx.opts, ctx.plan = backend, opts, plan
         ctx.has_bias = bias is not None
-        ctx.grads = grads if grads_now else None
+        ctx.grads = grads
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, stats, reduced, with_info, sink)
 
@@ -224,9 +275,10 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_info_grads):
         hidden, weight, bias, targets, lse, mask, coef = ctx.saved_tensors
         bias_dtype = bias.dtype if bias is not None else None
+        n_inputs = 12
         if ctx.grads is None:  # nothing formed in the forward
             grads = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
-            return (*grads.result(weight.dtype, bias_dtype), *([None] * 11))
+            return (*grads.result(weight.dtype, bias_dtype), *([None] * (n_inputs - 3)))
         grads, ctx.grads = ctx.grads, None
         formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
         recompute_cols = grads.vocab_start if grads.need_weight else 0
@@ -234,18 +286,18 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if recompute_cols > 0:
             _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
                                       recompute_cols)
-        return (*formed, *([None] * 11))
+        return (*formed, *([None] * (n_inputs - 3)))
 
 
 def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrads:
     """Every gradient from logits recomputed for the selected rows only, in the forward's chunks;
     the padding rows after them have mask False and contribute exact zeros."""
     opts = ctx.opts
-    order = selected_first(mask, ctx.max_selected)
+    order = selected_first(mask, ctx.plan.max_selected)
     # A saved leaf unpacks as the leaf itself, so weight.grad here is the parameter's.
     grads = _HeadGrads(ctx.backend, hidden, weight, ctx.has_bias, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                       ctx.weight_grad)
-    for rows in _chunks(order.numel(), ctx.chunk_rows):
+                       ctx.plan.weight_grad)
+    for rows in _chunks(order.numel(), ctx.plan.chunk_rows):
         index = order[rows]
         h = hidden.index_select(0, index)
         logits = _project(h, weight, bias)[None]
@@ -262,7 +314,7 @@ def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coe
     those columns. A slice holds as many logits as the forward did at its peak (a chunk and the
     held rows), and each matmul spans all N rows."""
     opts, (n_rows, hidden_dim), vocab_size = ctx.opts, hidden.shape, weight.shape[0]
-    budget = ctx.chunk_rows * vocab_size + (vocab_size - n_cols) * hidden_dim
+    budget = ctx.plan.chunk_rows * vocab_size + (vocab_size - n_cols) * hidden_dim
     n_slices = max(1, -(-n_cols * n_rows // budget))
     width = -(-n_cols // n_slices)
     width = -(-width // 128) * 128 if width >= 128 else width  # whole tiles, equal slices
@@ -285,10 +337,8 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
-                                    seq_shape, chunk_rows, max_selected, weight_grad="native", with_info=True,
-                                    sink=None):
+                                    seq_shape, plan: HeadPlan, with_info=True, sink=None):
     outputs = CGGRLinearCrossEntropyFunction.apply(
-        hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
-        chunk_rows, max_selected, weight_grad, with_info, sink,
+        hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape, plan, with_info, sink,
     )
     return _unpack(outputs, with_info)

@@ -126,10 +126,13 @@ def logits_grad(
 
 
 def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``tensor *= scale`` in place; ``scale`` a 0-d tensor (the upstream gradient)."""
-    return tensor.mul_(scale.to(tensor.dtype))
+    """``tensor *= scale`` in place; ``scale`` a 0-d tensor (the upstream gradient). Computed in
+    at least float32 and rounded once, as the Triton backend does."""
+    wide = torch.promote_types(tensor.dtype, torch.float32)
+    return tensor.copy_(tensor.to(wide) * scale.to(wide))
 
 
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``out += scale * src`` in place; ``scale`` a 0-d tensor."""
-    return out.add_(src * scale.to(src.dtype))
+    """``out += scale * src`` in place; ``scale`` a 0-d tensor; in at least float32, rounded once."""
+    wide = torch.promote_types(out.dtype, torch.float32)
+    return out.copy_(out.to(wide) + src.to(wide) * scale.to(wide))
