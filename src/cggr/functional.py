@@ -1,6 +1,7 @@
 """Stateless CGGR losses: ``cggr_cross_entropy`` and ``cggr_linear_cross_entropy``."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple, Union
 
@@ -339,7 +340,10 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
                     whole=(weight_grad == "native" and n_rows <= chunk_rows
                            and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS),
                     grad_enabled=torch.is_grad_enabled() and not torch.compiler.is_compiling())
-    with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the autocast dtype already
+    # The inputs are in the autocast dtype already. (Entering a context costs host time: only if on.)
+    autocast_off = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(
+        hidden.device.type) else contextlib.nullcontext()
+    with autocast_off:
         loss, info = cggr_linear_cross_entropy_apply(hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio,
                                                      opts, seq_shape, plan, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)

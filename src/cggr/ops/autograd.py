@@ -242,11 +242,16 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
-        for rows in _chunks(hidden.shape[0], plan.chunk_rows):
-            logits = _project(hidden[rows], weight, bias)[None]
-            chunk_ref = None if reference_loss is None else reference_loss[rows]
-            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
-            stats_parts.append(chunk_stats.columns())
+        n_rows = hidden.shape[0]
+        for rows in _chunks(n_rows, plan.chunk_rows):
+            if n_rows <= plan.chunk_rows:  # one chunk: the whole tensors, no views to make
+                logits = _project(hidden, weight, bias)[None]
+                chunk_stats = backend.row_stats(logits, targets, valid, opts, reference_loss)
+            else:
+                logits = _project(hidden[rows], weight, bias)[None]
+                chunk_ref = None if reference_loss is None else reference_loss[rows]
+                chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
+            stats_parts.append(chunk_stats)
             if at_one:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
                 coef = coef if denominator is None else coef / denominator
@@ -258,8 +263,12 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             if not whole:
                 del logits
         if not stats_parts:  # no rows at all
-            stats_parts.append(hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype)))
-        stats = RowStats.from_columns(stats_parts[0] if len(stats_parts) == 1 else torch.cat(stats_parts))
+            empty = hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype))
+            stats = RowStats.from_columns(empty)
+        elif len(stats_parts) == 1:
+            stats = stats_parts[0]
+        else:
+            stats = RowStats.from_columns(torch.cat([part.columns() for part in stats_parts]))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         if whole:  # the one chunk's logits become their gradient, zero on the rows not selected
             grads.add(None, hidden, backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask,

@@ -146,6 +146,8 @@ def _row_layout(config: dict, *rows: torch.Tensor):
     can then be read shifted to a 16-byte boundary, by one shift for all ``rows`` (same strides
     and offset), but not every row is aligned as it is; else 1, and ``rows`` are passed as they
     are (aligned, or read element by element)."""
+    if all(_rows_aligned(r) for r in rows):  # the common case, decided first: host time counts
+        return 1, rows, 0
     first = rows[0]
     align = 16 // first.element_size()
     offset = _boundary_offset(first)
@@ -154,9 +156,7 @@ def _row_layout(config: dict, *rows: torch.Tensor):
     if not shared or config["BLOCK_V"] < align:
         return 1, rows, 0
     if offset == 0:
-        if not all(r.data_ptr() % 16 == 0 for r in rows) or all(_rows_aligned(r) for r in rows):
-            return 1, rows, 0
-        return align, rows, 0
+        return (align if all(r.data_ptr() % 16 == 0 for r in rows) else 1), rows, 0
     return align, tuple(r.as_strided(r.shape, r.stride(), r.storage_offset() - offset) for r in rows), offset
 
 
