@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 import probe_head_host as probe  # noqa: E402
+
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 
 
