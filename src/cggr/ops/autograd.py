@@ -202,7 +202,7 @@ class HeadPlan:
     chunk_rows: int  # rows of logits formed at once
     max_selected: int  # a bound on the rows a selection keeps: the backward recomputes this many
     weight_grad: str = "native"  # 'native' (weight dtype), 'fp32' or 'in_place' (into weight.grad)
-    whole: bool = False  # a small head: every row in one chunk, every gradient formed in the forward
+    whole: bool = False  # a small head: every row in one chunk (see small_head_apply)
     grad_enabled: bool = True  # autograd records the call, eagerly (else no gradient is formed in the forward)
 
 
@@ -212,32 +212,26 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     Forward: logits chunk by chunk, statistics of every row, selection over the batch.
     Backward: logits recomputed only for (at most ``plan.max_selected``) rows, selected first,
     so the three backward matmuls cost in proportion to the rows kept.
-    The gradients are formed in the forward instead, from logits that already exist (for a scalar
-    loss; the backward then only scales them by the upstream gradient), in two cases:
-
-    * ratio 1: every valid row is selected whatever the strategy. With ``weight_grad='in_place'``
-      only the gradient of the last weight rows (see ``_HELD_CHUNKS``), and the backward
-      recomputes the logits of the leading columns for the rest of the weight gradient.
-    * ``plan.whole``: a small head, whose logits are one chunk. Host time sets its pace, and work
-      queued in the forward keeps the GPU busy while autograd hands the backward to its thread.
+    At ratio 1 (a scalar loss) every valid row is selected whatever the strategy, so the
+    gradients are formed in the forward instead, from logits that already exist, and the backward
+    scales them by the upstream gradient; with ``weight_grad='in_place'`` only those of the last
+    weight rows (see ``_HELD_CHUNKS``), and the backward recomputes the logits of the leading
+    columns for the rest of the weight gradient. A small head takes :func:`small_head_apply`.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
                 plan: HeadPlan, with_info: bool, sink):
         valid = targets != opts.ignore_index
-        tracked = plan.grad_enabled and any(ctx.needs_input_grad[:3]) and opts.reduction != "none"
-        whole = tracked and plan.whole and hidden.shape[0] > 0
-        at_one = (tracked and not whole and isinstance(ratio, float) and ratio == 1.0
-                  and opts.process_group is None)
+        at_one = (plan.grad_enabled and any(ctx.needs_input_grad[:3]) and opts.reduction != "none"
+                  and isinstance(ratio, float) and ratio == 1.0 and opts.process_group is None)
         grads = None
-        if whole or at_one:
-            recompute_cols = 0 if whole else _recomputed_columns(*weight.shape, plan.chunk_rows, plan.weight_grad)
+        if at_one:
+            recompute_cols = _recomputed_columns(*weight.shape, plan.chunk_rows, plan.weight_grad)
             # With every column recomputed the forward holds an empty [0, H] weight gradient.
             grads = _HeadGrads(backend, hidden, weight, bias is not None, ctx.needs_input_grad[0],
                                ctx.needs_input_grad[1], plan.weight_grad, every_row=True, vocab_start=recompute_cols,
-                               defer=True, whole=whole)
-        if at_one:
+                               defer=True)
             # Every valid row is selected with weight 1, so d loss / d row loss is valid / denominator.
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
@@ -260,8 +254,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
                 del grad_logits  # a view of this chunk's logits: freed before the next chunk is made
-            if not whole:
-                del logits
+            del logits
         if not stats_parts:  # no rows at all
             empty = hidden.new_zeros((0, len(RowStats._fields)), dtype=compute_dtype(hidden.dtype))
             stats = RowStats.from_columns(empty)
@@ -270,10 +263,6 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             stats = RowStats.from_columns(torch.cat([part.columns() for part in stats_parts]))
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
-        if whole:  # the one chunk's logits become their gradient, zero on the rows not selected
-            grads.add(None, hidden, backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask,
-                                                        opts, out=logits)[0])
-            del logits
         ctx.backend, ctx.opts, ctx.plan = backend, opts, plan
         ctx.has_bias = bias is not None
         ctx.grads = grads
@@ -347,7 +336,56 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
                                     seq_shape, plan: HeadPlan, with_info=True, sink=None):
+    tracked = plan.grad_enabled and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    if plan.whole and tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
+        return small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+                                plan, with_info, sink)
     outputs = CGGRLinearCrossEntropyFunction.apply(
         hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape, plan, with_info, sink,
     )
     return _unpack(outputs, with_info)
+
+
+class _ScaledGradients(torch.autograd.Function):
+    """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already
+    (``formed``, one per input, None where not needed): the backward scales them by the upstream
+    gradient, out of place, so that a second backward (retain_graph) gets them again."""
+
+    @staticmethod
+    def forward(ctx, loss, formed, *inputs):
+        ctx.formed = formed
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # At least float32: each product is then rounded once, to its gradient's dtype.
+        scale = grad_loss.to(torch.promote_types(grad_loss.dtype, torch.float32))
+        return None, None, *(None if g is None else (g * scale).to(g.dtype) for g in ctx.formed)
+
+
+def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+                     plan: HeadPlan, with_info=True, sink=None):
+    """A small head (its logits one chunk) with a scalar loss, under autograd: logits, selection,
+    logits gradient and the gradients of hidden, weight and bias, all in the forward. Host time
+    sets the pace at this size: work queued in the forward keeps the GPU busy while autograd
+    hands the backward to its device thread, and the backward is a few small multiplies."""
+    with torch.no_grad():
+        valid = targets_flat != opts.ignore_index
+        logits = _project(hidden2d, weight, bias)[None]
+        stats = backend.row_stats(logits, targets_flat, valid, opts, reference_loss)
+        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
+        # The logits become their gradient, zero on the rows not selected.
+        grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
+                                          out=logits)[0]
+        del logits
+        grads = _HeadGrads(backend, hidden2d, weight, bias is not None, hidden2d.requires_grad, weight.requires_grad,
+                           plan.weight_grad, whole=True)
+        grads.add(None, hidden2d, grad_logits)
+        del grad_logits
+        formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
+    if bias is not None and not bias.requires_grad:
+        formed = (*formed[:2], None)
+    loss = _ScaledGradients.apply(reduced.loss, formed, hidden2d, weight, bias)
+    if sink is not None:
+        sink.append((stats, reduced))
+    return loss, (build_info(stats, reduced) if with_info else None)
