@@ -30,8 +30,13 @@ from them by `python bench/report.py --write`; the project README quotes the hea
   hidden and weight, against `hidden @ W.T` + `F.cross_entropy`, and Liger's and
   cut-cross-entropy's fused losses when installed; every selection at ratio 0.25, and fp32
   tensors under bf16 autocast (the head of a `Trainer(bf16=True)` run).
-- `python bench/bench_e2e.py [--max-batch]`: whole training steps of SmolLM2-135M, Qwen2.5-0.5B
-  and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss and Liger's patch.
+- `python bench/bench_small.py [--rounds N]`: the small shapes, where host time sets the pace,
+  timed in alternated rounds (fastest and median round): 4096 × 32,000 logits and the head of a
+  256-wide model with a 16,384-token vocabulary.
+- `python bench/bench_e2e.py [--max-batch] [--no-timing]`: whole training steps of SmolLM2-135M,
+  Qwen2.5-0.5B and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss, Liger's patch and
+  cut-cross-entropy (with its default gradient filter, which skips blocks of small gradient
+  entries, and exact); `--max-batch` searches the largest batch that fits.
 - `python bench/profile_step.py [--linear] [--host]`: host time (Python, launches) against GPU
   time of one call, kernel by kernel.
 - `python bench/quality_scenarios.py [--plot FILE]`: clean data, noisy data and fine-tuning on a
@@ -88,6 +93,18 @@ def e2e_table(data):
         else:
             lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | {row['batch']} | "
                          f"{row['ms']:.1f} | {row['tokens_per_s']:.0f} | {row['peak_bytes'] / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
+def small_table(data):
+    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
+             f"{data.get('date', '')}), bf16, forward+backward, {data['rounds']} alternated rounds of do_bench "
+             "medians: the fastest round (the host at its quietest), the median round, and every round (ms):", "",
+             "| shape | method | fastest | median | rounds |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        shape = " × ".join(str(row[k]) for k in ("N", "H", "V") if k in row)
+        lines.append(f"| {shape} | {row['method']} | {row['ms']:.3f} | {row['median_ms']:.3f} | "
+                     + " ".join(f"{v:.3f}" for v in row["rounds_ms"]) + " |")
     return "\n".join(lines)
 
 
@@ -153,6 +170,7 @@ def build() -> str:
     parts = [INTRO]
     names = sorted(os.listdir(RESULTS))
     sections = (("## Loss on given logits", "loss_", loss_table), ("## LM head plus loss", "linear_", linear_table),
+                ("## Small shapes, in alternated rounds", "small_", small_table),
                 ("## Whole training steps", "e2e_", e2e_table))
     for title, prefix, table in sections:
         parts.append(title)

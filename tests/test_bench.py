@@ -35,3 +35,22 @@ def test_quality_scenarios_and_breakeven_at_toy_size(tmp_path):
     printed = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "breakeven.py"), str(out)], check=True,
                              env=env, capture_output=True, text=True, timeout=120).stdout
     assert "head share needed" in printed and "finetune" in printed
+
+
+def test_report_builds_every_section_from_the_stored_results():
+    """bench/README.md is generated from bench/results/: every stored file has a table."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench")
+    sys.path.insert(0, bench)
+    try:
+        import report
+        text = report.build()
+    finally:
+        sys.path.remove(bench)
+    for name in os.listdir(os.path.join(bench, "results")):
+        if name.endswith(".json") and not name.startswith(("quality_", "scenarios_")):
+            assert f"results/{name}" in text, name
+    assert "## Small shapes, in alternated rounds" in text
+    assert "## Where selection pays" in text
