@@ -108,6 +108,20 @@ def small_table(data):
     return "\n".join(lines)
 
 
+def distributed_table(data):
+    rows = data["rows"]
+    lines = [f"`{data['command']}` on {data['device']} ({data['world_size']} process(es), torch "
+             f"{data['versions'].get('torch')}, {data['date']}): selection over the process group against one "
+             "process on the concatenated batch (relative errors of loss and gradient):", "",
+             "| case | same mask | loss rel. error | grad rel. error |", "|---|---|---|---|"]
+    for row in rows["checks"]:
+        lines.append(f"| {row['case']} | {'yes' if row['mask_equal'] else 'NO'} | {row['loss_rel_err']:.1e} | "
+                     f"{row['grad_rel_err']:.1e} |")
+    if rows.get("timing"):
+        lines += ["", "Timing rows (as stored):", ""] + [f"- `{json.dumps(row)}`" for row in rows["timing"]]
+    return "\n".join(lines)
+
+
 def scenarios_section(path):
     from breakeven import main as breakeven
     from quality_scenarios import summarise
@@ -171,7 +185,8 @@ def build() -> str:
     names = sorted(os.listdir(RESULTS))
     sections = (("## Loss on given logits", "loss_", loss_table), ("## LM head plus loss", "linear_", linear_table),
                 ("## Small shapes, in alternated rounds", "small_", small_table),
-                ("## Whole training steps", "e2e_", e2e_table))
+                ("## Whole training steps", "e2e_", e2e_table),
+                ("## Data parallel: selection over a process group", "distributed_", distributed_table))
     for title, prefix, table in sections:
         parts.append(title)
         for name in names:
