@@ -145,7 +145,7 @@ class _HeadGrads:
         self.acc_dtype = torch.float32 if weight_grad == "fp32" else weight.dtype
         self.weight, self.has_bias, self.need_weight = weight, has_bias, need_weight
         self.vocab_start, self.defer = vocab_start, defer
-        self.need_hidden, self.whole = need_hidden, whole
+        self.need_hidden = need_hidden
         # Rows that no chunk covers keep a zero hidden gradient; if every row is covered, no fill;
         # a whole head's one chunk makes it.
         self.hidden = None
@@ -378,13 +378,11 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backe
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
                                           out=logits)[0]
         del logits
-        grads = _HeadGrads(backend, hidden2d, weight, bias is not None, hidden2d.requires_grad, weight.requires_grad,
-                           plan.weight_grad, whole=True)
+        grads = _HeadGrads(backend, hidden2d, weight, bias is not None and bias.requires_grad, hidden2d.requires_grad,
+                           weight.requires_grad, plan.weight_grad, whole=True)
         grads.add(None, hidden2d, grad_logits)
         del grad_logits
         formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
-    if bias is not None and not bias.requires_grad:
-        formed = (*formed[:2], None)
     loss = _ScaledGradients.apply(reduced.loss, formed, hidden2d, weight, bias)
     if sink is not None:
         sink.append((stats, reduced))
