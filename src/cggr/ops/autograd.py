@@ -130,6 +130,17 @@ def _existing_grad(weight: torch.Tensor) -> torch.Tensor:
     return weight.grad
 
 
+def _mm_into(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc + a @ b`` in place (``a @ b`` when ``acc`` is None), in ``dtype``. On CUDA a matmul of
+    bf16 or fp16 inputs writes float32 directly: no cast of the inputs, no float32 matmul."""
+    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=dtype)
+        return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
+    a, b = a.to(dtype), b.to(dtype)
+    return a @ b if acc is None else acc.addmm_(a, b)
+
+
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias from chunks of logits gradients.
 
@@ -165,8 +176,7 @@ class _HeadGrads:
             else:
                 self.hidden.index_copy_(0, index, grad_logits @ self.weight)
         if self.need_weight:
-            g, x = grad_logits[:, self.vocab_start:].t().to(self.acc_dtype), h.to(self.acc_dtype)
-            self.weight_grad = g @ x if self.weight_grad is None else self.weight_grad.addmm_(g, x)
+            self.weight_grad = _mm_into(self.weight_grad, grad_logits[:, self.vocab_start:].t(), h, self.acc_dtype)
         if self.has_bias:
             column_sums = grad_logits.sum(0, dtype=self.acc_dtype)
             self.bias = column_sums if self.bias is None else self.bias.add_(column_sums)
