@@ -330,7 +330,9 @@ def test_linear_weight_grad_in_place_saves_the_weight_sized_buffer(ratio, chunk_
 @pytest.mark.parametrize("ratio", [0.25, 1.0])
 def test_fp32_grad_accumulation_on_gpu_against_float64(ratio):
     """bf16 inputs, weight gradient accumulated in float32 over several chunks (the matmul writes
-    float32 from bf16 inputs): close to the float64 reference, closer than the bf16 default."""
+    float32 from bf16 inputs). At ratio 1 (every row kept, so the same rows as the reference):
+    close to float64 and no further from it than the bf16 default. At 0.25 the bf16 scores may
+    select other rows than float64 ones: close to the default, which selects the same rows."""
     torch.manual_seed(6)
     hidden = torch.randn(600, 128, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(3001, 128, device="cuda", dtype=torch.bfloat16) * 0.05
@@ -338,12 +340,13 @@ def test_fp32_grad_accumulation_on_gpu_against_float64(ratio):
 
     def weight_grad(h, w, **kw):
         w = w.clone().requires_grad_(True)
-        loss = cggr_linear_cross_entropy(h, w, targets.to(h.device), ratio, chunk_size=128, selection="topk", **kw)
+        loss = cggr_linear_cross_entropy(h, w, targets.to(h.device), ratio, chunk_size=128, **kw)
         return torch.autograd.grad(loss, w)[0]
-    exact = weight_grad(hidden.double().cpu(), weight.double().cpu())
     fp32 = weight_grad(hidden, weight, fp32_grad_accumulation=True)
     native = weight_grad(hidden, weight)
     assert fp32.dtype == torch.bfloat16
+    exact = weight_grad(hidden.double().cpu(), weight.double().cpu()) if ratio == 1.0 else native.double().cpu()
     error = lambda g: ((g.double().cpu() - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(fp32) < 1e-2
-    assert error(fp32) <= error(native) * 1.01
+    if ratio == 1.0:
+        assert error(fp32) <= error(native) * 1.01
