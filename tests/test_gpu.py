@@ -350,3 +350,21 @@ def test_fp32_grad_accumulation_on_gpu_against_float64(ratio):
     assert error(fp32) < 1e-2
     if ratio == 1.0:
         assert error(fp32) <= error(native) * 1.01
+
+
+@pytest.mark.parametrize("ratio,chunk_size", [(1.0, 128), (0.25, 128), (0.25, None)])
+def test_linear_under_autocast_on_gpu(ratio, chunk_size):
+    """fp32 parameters under bf16 autocast on the GPU: fp32 gradients, close to the same call on
+    bf16 copies (the weight's formed in fp32 by the matmul, not cast back from bf16)."""
+    torch.manual_seed(7)
+    hidden = torch.randn(600, 128, device="cuda")
+    weight = torch.randn(3001, 128, device="cuda") * 0.05
+    targets = torch.randint(0, 3001, (600,), device="cuda")
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = cggr_linear_cross_entropy(h, w, targets, ratio, chunk_size=chunk_size)
+    loss.backward()
+    hb, wb = hidden.bfloat16().requires_grad_(True), weight.bfloat16().requires_grad_(True)
+    cggr_linear_cross_entropy(hb, wb, targets, ratio, chunk_size=chunk_size).backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert _close(h.grad, hb.grad.float(), 2e-2) and _close(w.grad, wb.grad.float(), 2e-2)

@@ -169,12 +169,12 @@ def linear_cross_entropy(hidden, weight, targets, ratio: Ratio, bias, opts: Loss
     of (see ``ops.autograd``), for callers that report metrics later."""
     check.check_logits_targets(hidden, targets, logits_name="hidden", check_v=False)
     weight, bias = _full_tensor(weight), _full_tensor(bias)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
+    hidden, weight, bias, weight_cast = _autocast(hidden, weight, bias, cast_weight_inside=not weight_grad_in_place)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be [V, H] with H={hidden.shape[-1]} (hidden's last dim), got {got}")
     check.check_vocab(weight.shape[0], "weight")
-    _check_same(weight, hidden, "weight")
+    _check_same(weight, hidden, "weight", weight_cast)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -183,9 +183,12 @@ def linear_cross_entropy(hidden, weight, targets, ratio: Ratio, bias, opts: Loss
     if chunk_size is not None:
         check.check_number("chunk_size", chunk_size, 1, float("inf"), integer=True)
     weight_grad = _weight_grad_mode(weight, fp32_grad_accumulation, weight_grad_in_place)
+    if weight_cast is not None:  # a float32 weight's gradient, formed in float32 from its cast copy
+        weight_grad = "fp32"
     ratio = resolve_ratio(ratio, hidden.device)
     return run_linear_cross_entropy(hidden, weight, bias, targets, ratio, opts, backend, check_targets,
-                                    return_info, chunk_size, weight_grad, reference_loss, sink=sink)
+                                    return_info, chunk_size, weight_grad, reference_loss, sink=sink,
+                                    weight_cast=weight_cast)
 
 
 @torch.no_grad()
@@ -224,18 +227,21 @@ def _full_tensor(tensor):
     return full() if callable(full) else tensor
 
 
-def _autocast(hidden, weight, bias):
-    """Under ``torch.autocast`` for hidden's device, the three cast to its dtype (as
-    ``F.linear`` would be); the casts are differentiable, so gradients return in each input's
-    dtype. Else unchanged."""
-    if not isinstance(weight, torch.Tensor):
-        return hidden, weight, bias
+def _autocast(hidden, weight, bias, cast_weight_inside: bool = True):
+    """Under ``torch.autocast`` for hidden's device, the three in its dtype (as ``F.linear`` would
+    cast them); the casts are differentiable, so gradients return in each input's dtype. Else
+    unchanged. Returns ``(hidden, weight, bias, weight_cast)``: a float32 weight (the usual
+    parameter), where ``cast_weight_inside``, stays as it is and ``weight_cast`` names the dtype
+    the loss casts it to itself, so that it forms the weight's gradient in float32 straight from
+    the matmul instead of casting a low-precision one back (a pass over [V, H]); else None."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return hidden, weight, bias
+    if not isinstance(weight, torch.Tensor) or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias, None
     dtype = torch.get_autocast_dtype(device_type)
     cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
-    return cast(hidden), cast(weight), cast(bias)
+    if cast_weight_inside and weight.dtype == torch.float32 and dtype != torch.float32:
+        return cast(hidden), weight, cast(bias), dtype
+    return cast(hidden), cast(weight), cast(bias), None
 
 
 def resolve_ratio(ratio: Ratio, device: torch.device):
@@ -269,11 +275,11 @@ def _options(backend: str, **options) -> LossOptions:
     return check.make_options(**options)
 
 
-def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str) -> None:
-    """Device and dtype of ``tensor`` (weight or bias) are hidden's."""
+def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str, cast: Optional[torch.dtype] = None) -> None:
+    """Device and dtype of ``tensor`` (weight or bias) are hidden's (the dtype once cast to ``cast``)."""
     if tensor.device != hidden.device:
         raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
-    if tensor.dtype != hidden.dtype:
+    if (cast or tensor.dtype) != hidden.dtype:
         raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {tensor.dtype}")
 
 
@@ -325,9 +331,11 @@ def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, back
 def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, opts: LossOptions, backend: str,
                              check_targets: bool, return_info: bool, chunk_size: Optional[int] = None,
                              weight_grad: str = "native", reference_loss=None, sink=None,
-                             ratio_bound: Optional[float] = None) -> LossOrLossAndInfo:
+                             ratio_bound: Optional[float] = None,
+                             weight_cast: Optional[torch.dtype] = None) -> LossOrLossAndInfo:
     """Validated inputs -> loss. ``ratio_bound``: the largest ratio a callable ``ratio`` can
-    return (a float ratio is its own bound; without one the backward may recompute every row)."""
+    return (a float ratio is its own bound; without one the backward may recompute every row).
+    ``weight_cast``: the dtype the loss casts ``weight`` to itself (see ``_autocast``)."""
     vocab_size = weight.shape[0]
     impl, seq_shape, flat_targets, reference_loss = prepare(hidden, targets, vocab_size, opts, backend, check_targets,
                                                             reference_loss)
@@ -337,9 +345,10 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
     plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
-                    whole=(weight_grad == "native" and n_rows <= chunk_rows
+                    whole=(weight_grad != "in_place" and n_rows <= chunk_rows
                            and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS),
-                    grad_enabled=torch.is_grad_enabled() and not torch.compiler.is_compiling())
+                    grad_enabled=torch.is_grad_enabled() and not torch.compiler.is_compiling(),
+                    weight_cast=weight_cast)
     # The inputs are in the autocast dtype already. (Entering a context costs host time: only if on.)
     autocast_off = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(
         hidden.device.type) else contextlib.nullcontext()

@@ -214,6 +214,13 @@ class HeadPlan:
     weight_grad: str = "native"  # 'native' (weight dtype), 'fp32' or 'in_place' (into weight.grad)
     whole: bool = False  # a small head: every row in one chunk (see small_head_apply)
     grad_enabled: bool = True  # autograd records the call, eagerly (else no gradient is formed in the forward)
+    weight_cast: Optional[torch.dtype] = None  # cast the weight to this dtype here (autocast; see _cast_weight)
+
+
+def _cast_weight(weight: torch.Tensor, plan: HeadPlan) -> torch.Tensor:
+    """The weight the matmuls use: under autocast a float32 weight is cast here, not by the
+    caller, so that its gradient (``plan.weight_grad`` 'fp32') comes back in float32 as formed."""
+    return weight if plan.weight_cast is None else weight.to(plan.weight_cast)
 
 
 class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
@@ -233,6 +240,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
                 plan: HeadPlan, with_info: bool, sink):
         valid = targets != opts.ignore_index
+        ctx.weight_dtype = weight.dtype
+        weight = _cast_weight(weight, plan)  # saved for the backward in the dtype it computes in
         at_one = (plan.grad_enabled and any(ctx.needs_input_grad[:3]) and opts.reduction != "none"
                   and isinstance(ratio, float) and ratio == 1.0 and opts.process_group is None)
         grads = None
@@ -286,9 +295,9 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         n_inputs = 12
         if ctx.grads is None:  # nothing formed in the forward
             grads = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
-            return (*grads.result(weight.dtype, bias_dtype), *([None] * (n_inputs - 3)))
+            return (*grads.result(ctx.weight_dtype, bias_dtype), *([None] * (n_inputs - 3)))
         grads, ctx.grads = ctx.grads, None
-        formed = grads.result(weight.dtype, bias_dtype, scale=grad_loss)
+        formed = grads.result(ctx.weight_dtype, bias_dtype, scale=grad_loss)
         recompute_cols = grads.vocab_start if grads.need_weight else 0
         del grads  # frees a held weight-gradient buffer before the recomputation
         if recompute_cols > 0:
@@ -381,15 +390,16 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backe
     hands the backward to its device thread, and the backward is a few small multiplies."""
     with torch.no_grad():
         valid = targets_flat != opts.ignore_index
-        logits = _project(hidden2d, weight, bias)[None]
+        cast_weight = _cast_weight(weight, plan)
+        logits = _project(hidden2d, cast_weight, bias)[None]
         stats = backend.row_stats(logits, targets_flat, valid, opts, reference_loss)
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         # The logits become their gradient, zero on the rows not selected.
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
                                           out=logits)[0]
         del logits
-        grads = _HeadGrads(backend, hidden2d, weight, bias is not None and bias.requires_grad, hidden2d.requires_grad,
-                           weight.requires_grad, plan.weight_grad, whole=True)
+        grads = _HeadGrads(backend, hidden2d, cast_weight, bias is not None and bias.requires_grad,
+                           hidden2d.requires_grad, weight.requires_grad, plan.weight_grad, whole=True)
         grads.add(None, hidden2d, grad_logits)
         del grad_logits
         formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
