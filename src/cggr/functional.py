@@ -125,7 +125,7 @@ def cggr_linear_cross_entropy(
         hidden: ``[..., H]`` float; ``weight``: ``[V, H]`` (an ``nn.Linear`` or tied embedding
             weight) of the same dtype; ``bias``: ``[V]`` or None. Under ``torch.autocast`` all
             three are cast to the autocast dtype first, as ``F.linear`` does, and the gradients
-            come back in each input's own dtype.
+            come back in each input's own dtype (a float32 weight's summed in float32).
         chunk_size: rows of logits computed at once (bounds peak memory); default about
             2**27 / V rows, in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
