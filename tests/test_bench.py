@@ -39,9 +39,6 @@ def test_quality_scenarios_and_breakeven_at_toy_size(tmp_path):
 
 def test_report_builds_every_section_from_the_stored_results():
     """bench/README.md is generated from bench/results/: every stored file has a table."""
-    import os
-    import sys
-
     bench = os.path.join(os.path.dirname(__file__), "..", "bench")
     sys.path.insert(0, bench)
     try:

@@ -6,16 +6,17 @@ head that forms its gradients in the forward and leaves autograd only C++ nodes 
 """
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.core import LossOptions, select_and_reduce  # noqa: E402
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
+from profile_step import host_ms  # noqa: E402
 
 
 class PyIdentity(torch.autograd.Function):
@@ -64,17 +65,6 @@ def python_node(h, w, t, ratio):
     return Precomputed.apply(h, w, loss, gh, gw)
 
 
-def host_us(step, calls=400, warmup=20):
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e6 / calls
-
-
 def cases(n, hd, v):
     h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / hd ** 0.5).requires_grad_(True)
@@ -108,7 +98,7 @@ def main():
     times = {name: [] for name in tiny}
     for _ in range(3):
         for name, step in tiny.items():
-            times[name].append(host_us(step))
+            times[name].append(1e3 * host_ms(step, calls=400, warmup=20))
     big = cases(8192, 256, 16384)
     for name, step in big.items():
         ms = do_bench(step, warmup=25, rep=200, return_mode="median")

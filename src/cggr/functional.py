@@ -347,7 +347,8 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
                     whole=(weight_grad != "in_place" and n_rows <= chunk_rows
                            and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS),
-                    grad_enabled=torch.is_grad_enabled() and not torch.compiler.is_compiling(),
+                    tracked=(torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                             and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))),
                     weight_cast=weight_cast)
     # The inputs are in the autocast dtype already. (Entering a context costs host time: only if on.)
     autocast_off = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(

@@ -213,7 +213,7 @@ class HeadPlan:
     max_selected: int  # a bound on the rows a selection keeps: the backward recomputes this many
     weight_grad: str = "native"  # 'native' (weight dtype), 'fp32' or 'in_place' (into weight.grad)
     whole: bool = False  # a small head: every row in one chunk (see small_head_apply)
-    grad_enabled: bool = True  # autograd records the call, eagerly (else no gradient is formed in the forward)
+    tracked: bool = True  # autograd records the call, eagerly, for an input that needs a gradient
     weight_cast: Optional[torch.dtype] = None  # cast the weight to this dtype here (autocast; see _cast_weight)
 
 
@@ -242,8 +242,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         valid = targets != opts.ignore_index
         ctx.weight_dtype = weight.dtype
         weight = _cast_weight(weight, plan)  # saved for the backward in the dtype it computes in
-        at_one = (plan.grad_enabled and any(ctx.needs_input_grad[:3]) and opts.reduction != "none"
-                  and isinstance(ratio, float) and ratio == 1.0 and opts.process_group is None)
+        at_one = (plan.tracked and opts.reduction != "none" and isinstance(ratio, float) and ratio == 1.0
+                  and opts.process_group is None)
         grads = None
         if at_one:
             recompute_cols = _recomputed_columns(*weight.shape, plan.chunk_rows, plan.weight_grad)
@@ -255,15 +255,10 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             n_valid = valid.sum()
             denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
-        n_rows = hidden.shape[0]
-        for rows in _chunks(n_rows, plan.chunk_rows):
-            if n_rows <= plan.chunk_rows:  # one chunk: the whole tensors, no views to make
-                logits = _project(hidden, weight, bias)[None]
-                chunk_stats = backend.row_stats(logits, targets, valid, opts, reference_loss)
-            else:
-                logits = _project(hidden[rows], weight, bias)[None]
-                chunk_ref = None if reference_loss is None else reference_loss[rows]
-                chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
+        for rows in _chunks(hidden.shape[0], plan.chunk_rows):
+            logits = _project(hidden[rows], weight, bias)[None]
+            chunk_ref = None if reference_loss is None else reference_loss[rows]
+            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
             stats_parts.append(chunk_stats)
             if at_one:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
@@ -355,8 +350,7 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
                                     seq_shape, plan: HeadPlan, with_info=True, sink=None):
-    tracked = plan.grad_enabled and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))
-    if plan.whole and tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
+    if plan.whole and plan.tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
         return small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
                                 plan, with_info, sink)
     outputs = CGGRLinearCrossEntropyFunction.apply(
