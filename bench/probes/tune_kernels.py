@@ -87,12 +87,12 @@ def main():
     defaults = dict(triton_backend.CONFIGS)
     print(f"copy bandwidth {bandwidth:.0f} GB/s; N={n} V={v} bf16")
     nbytes = n * v * 2
-    scorings = ("combined", "entropy", "gradnorm")
+    scorings = ("combined", "entropy", "gradnorm", "margin", "loss")
     print(f"{'BLOCK_V':>7} {'warps':>5}" + "".join(f" {s + ' ms':>12} {'%bw':>4}" for s in scorings))
     for config in STATS_CONFIGS:
-        for kind in ("stats", "stats_extra", "stats_few"):
+        for kind in ("stats", "stats_sum_sq", "stats_few"):
             triton_backend.CONFIGS[kind] = config
-        times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, scoring, 0.0, 0.0),
+        times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, None, scoring, 0.0, 0.0, 1.0, 0.0),
                           return_mode="median") for scoring in scorings]
         print(f"{config[0]:>7} {config[1]:>5}"
               + "".join(f" {t:12.3f} {100 * nbytes / t / 1e6 / bandwidth:4.0f}" for t in times))
@@ -103,7 +103,7 @@ def main():
     print(f"{'grad BLOCK_V':>13} {'warps':>5} {'ms (25% rows)':>14} {'%bw':>4}")
     for config in GRAD_CONFIGS:
         triton_backend.CONFIGS["grad"] = config
-        t = do_bench(lambda: triton_backend.logits_grad_op(logits, targets, lse, coef, mask, 0.0, 0.0),
+        t = do_bench(lambda: triton_backend.logits_grad_op(logits, targets, lse, coef, mask, 0.0, 0.0, 1.0, 0.0),
                      return_mode="median")
         print(f"{config[0]:>13} {config[1]:>5} {t:14.3f} {100 * grad_bytes / t / 1e6 / bandwidth:4.0f}")
     triton_backend.CONFIGS.update(defaults)

@@ -22,7 +22,10 @@ Ratio = Union[float, torch.Tensor, Curriculum]
 # Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once, in a
 # whole number of the matmuls' 128-row tiles. Smaller chunks cost time: each adds a read and a
 # write of the whole weight gradient, and fewer rows per launch leave the statistics kernel
-# short of bandwidth.
+# short of bandwidth. A weight gradient summed in float32 (autocast with a float32 weight, or
+# fp32_grad_accumulation) costs twice that per chunk, so its chunks are twice as large: same
+# weight-gradient traffic per row (H200, 8192 x 4096 -> 128,256 at ratio 1 under autocast:
+# 11% slower than bf16 tensors with 2**27, 2% with 2**28).
 _LINEAR_CHUNK_ELEMENTS = 1 << 27
 # A head of at most this many multiply-adds (N * H * V) whose logits fit one chunk is formed whole,
 # its gradients in the forward: recomputing the kept rows in the backward would save at most
@@ -127,7 +130,8 @@ def cggr_linear_cross_entropy(
             three are cast to the autocast dtype first, as ``F.linear`` does, and the gradients
             come back in each input's own dtype (a float32 weight's summed in float32).
         chunk_size: rows of logits computed at once (bounds peak memory); default about
-            2**27 / V rows, in whole 128-row tiles.
+            2**27 / V rows (2**28 / V when the weight gradient is summed in float32), in whole
+            128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
         weight_grad_in_place: if ``weight.grad`` exists when the loss is called, add the weight
             gradient straight into it instead of handing autograd a new ``[V, H]`` tensor;
@@ -341,7 +345,7 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
                                                             reference_loss)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
-    chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size), max(n_rows, 1))
+    chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size, weight_grad), max(n_rows, 1))
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
     plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
@@ -359,9 +363,11 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     return _finish(loss, info, targets.shape, opts, return_info)
 
 
-def _default_chunk_rows(vocab_size: int) -> int:
-    """About ``_LINEAR_CHUNK_ELEMENTS / vocab_size`` rows, to the nearest multiple of 128 if at least 128."""
-    rows = max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
+def _default_chunk_rows(vocab_size: int, weight_grad: str = "native") -> int:
+    """About ``_LINEAR_CHUNK_ELEMENTS / vocab_size`` rows (twice that for a float32 weight gradient),
+    to the nearest multiple of 128 if at least 128."""
+    elements = _LINEAR_CHUNK_ELEMENTS * (2 if weight_grad == "fp32" else 1)
+    rows = max(1, elements // vocab_size)
     return rows if rows < 128 else (rows + 64) // 128 * 128
 
 
