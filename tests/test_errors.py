@@ -111,3 +111,14 @@ def test_device_ratio_is_not_range_checked():
     logits, targets = _inputs()
     loss = cggr_cross_entropy(logits, targets, torch.tensor(0.5, dtype=torch.float64))
     assert torch.isfinite(loss)
+
+
+def test_checked_options_are_cached_by_value_and_type():
+    """Options are checked once per distinct set, but a value equal to an accepted one and of
+    another type (False == 0.0, True == 1) is checked afresh, and refused."""
+    logits, targets = _inputs()
+    cggr_cross_entropy(logits, targets, 0.5, label_smoothing=0.0, num_strata=1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cggr_cross_entropy(logits, targets, 0.5, label_smoothing=False, num_strata=1)
+    with pytest.raises(ValueError, match="num_strata"):
+        cggr_cross_entropy(logits, targets, 0.5, label_smoothing=0.0, num_strata=True)

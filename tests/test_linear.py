@@ -259,3 +259,46 @@ def test_no_gradient_formed_without_autograd(monkeypatch, ratio, chunk_size):
     h.grad = w.grad = None
     (2.5 * loss).backward()
     torch.testing.assert_close((h.grad, w.grad), first)
+
+
+def test_float32_weight_gradient_takes_twice_the_chunk(monkeypatch):
+    """A weight gradient summed in float32 (fp32_grad_accumulation, or a float32 weight under
+    autocast) costs twice the bytes per chunk: its default chunk holds twice the rows."""
+    from cggr import functional
+
+    vocab = 1000
+    assert abs(functional._default_chunk_rows(vocab, "fp32") - 2 * functional._default_chunk_rows(vocab)) <= 128
+    seen = []
+    original = autograd.CGGRLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(autograd.CGGRLinearCrossEntropyFunction, "apply",
+                        lambda *args: seen.append(args[-1].plan.chunk_rows) or original(*args))
+    monkeypatch.setattr(functional, "_LINEAR_CHUNK_ELEMENTS", 16 * vocab)  # 16 rows a chunk by default
+    hidden = torch.randn(100, 8, requires_grad=True)
+    weight = torch.randn(vocab, 8, requires_grad=True)
+    targets = torch.randint(0, vocab, (100,))
+    cggr_linear_cross_entropy(hidden, weight, targets, 0.5).backward()
+    cggr_linear_cross_entropy(hidden, weight, targets, 0.5, fp32_grad_accumulation=True).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cggr_linear_cross_entropy(hidden, weight, targets, 0.5)
+    loss.backward()
+    assert seen == [16, 32, 32]
+
+
+@pytest.mark.parametrize("ratio,chunk_size", [(0.5, 16), (1.0, 16), (0.5, None)])
+def test_backward_inside_an_autocast_region(ratio, chunk_size):
+    """``loss.backward()`` called inside the autocast region (as in many training loops) gives the
+    same gradients as outside it: the backward does not let autocast recast its matmuls."""
+    hidden, weight, b, targets = _problem(torch.float32)
+    grads = []
+    for backward_inside in (False, True):
+        h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = cggr_linear_cross_entropy(h, w, targets, ratio, bias=b, chunk_size=chunk_size,
+                                             generator=torch.Generator().manual_seed(3))
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(grads[0], grads[1])

@@ -92,8 +92,8 @@ def main():
     for config in STATS_CONFIGS:
         for kind in ("stats", "stats_sum_sq", "stats_few"):
             triton_backend.CONFIGS[kind] = config
-        times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, None, scoring, 0.0, 0.0, 1.0, 0.0),
-                          return_mode="median") for scoring in scorings]
+        times = [do_bench(lambda: triton_backend.row_stats_op(logits, targets, valid, None, scoring, 0.0, 0.0, 1.0,
+                                                              0.0), return_mode="median") for scoring in scorings]
         print(f"{config[0]:>7} {config[1]:>5}"
               + "".join(f" {t:12.3f} {100 * nbytes / t / 1e6 / bandwidth:4.0f}" for t in times))
     if "--stats-only" in sys.argv:

@@ -1,7 +1,7 @@
 """Stateless CGGR losses: ``cggr_cross_entropy`` and ``cggr_linear_cross_entropy``."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -11,7 +11,7 @@ from . import _validation as check
 from .core import LossOptions, RatioSpec
 from .info import CGGRInfo
 from .ops import get_backend
-from .ops.autograd import HeadPlan, cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
+from .ops.autograd import HeadPlan, autocast_off, cggr_cross_entropy_apply, cggr_linear_cross_entropy_apply
 from .schedule import Curriculum
 
 __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy", "reference_token_loss"]
@@ -276,7 +276,19 @@ def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight
 
 def _options(backend: str, **options) -> LossOptions:
     check.check_choice("backend", backend, check.BACKENDS)
-    return check.make_options(**options)
+    if options["process_group"] is not None:  # its check reads torch.distributed's state: not cached
+        return check.make_options(**options)
+    # The same options on every call of a training loop: checked once. The key holds each
+    # value's type, so that e.g. label_smoothing=False is checked (and refused) even after 0.0.
+    try:
+        return _checked_options(tuple((name, type(value), value) for name, value in options.items()))
+    except TypeError:  # an unhashable value: checked without the cache
+        return check.make_options(**options)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_options(key: tuple) -> LossOptions:
+    return check.make_options(**{name: value for name, _, value in key})
 
 
 def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str, cast: Optional[torch.dtype] = None) -> None:
@@ -354,10 +366,7 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
                     tracked=(torch.is_grad_enabled() and not torch.compiler.is_compiling()
                              and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))),
                     weight_cast=weight_cast)
-    # The inputs are in the autocast dtype already. (Entering a context costs host time: only if on.)
-    autocast_off = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(
-        hidden.device.type) else contextlib.nullcontext()
-    with autocast_off:
+    with autocast_off(hidden.device.type):  # the inputs are in the autocast dtype already
         loss, info = cggr_linear_cross_entropy_apply(hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio,
                                                      opts, seq_shape, plan, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)

@@ -6,6 +6,7 @@ autograd glue in :mod:`cggr.ops.autograd`.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,10 +27,17 @@ def get_backend(name: str, device: torch.device):
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
     try:
-        from . import triton_backend
+        return _triton_backend()
     except ImportError as error:  # triton is optional off Linux x86-64
         if name == "auto":
             raise ImportError("CUDA tensors need the Triton backend, but triton is not installed; "
                               "install triton or pass backend='torch'") from error
         raise ValueError(f"backend='triton' needs the triton package: {error}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend():
+    """The Triton backend module, imported on first use (an import statement costs host time per call)."""
+    from . import triton_backend
+
     return triton_backend

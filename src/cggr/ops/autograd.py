@@ -16,8 +16,9 @@ Per-row tensors (targets, validity, reference losses) are contiguous ``[B*T]`` v
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -46,6 +47,30 @@ def _outputs(ctx, stats, reduced, with_info, sink):
     return (reduced.loss, *info)
 
 
+class Call(NamedTuple):
+    """What one call passes its autograd Function besides the tensors that take gradients: one
+    object, not one argument each, so that autograd's per-argument work stays small."""
+
+    backend: Any
+    ratio: RatioSpec
+    opts: LossOptions
+    seq_shape: Optional[tuple]
+    reference_loss: Optional[torch.Tensor]  # detached
+    with_info: bool
+    sink: Optional[list]
+    grad_now: bool = False  # logits path: form the gradient in the forward (see CGGRCrossEntropyFunction)
+    plan: Optional["HeadPlan"] = None  # linear path
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (entering one costs host time: only if on).
+    The losses' inputs are cast before they start, and their backward, which ``loss.backward()``
+    inside an autocast region would run under autocast, keeps its float32 accumulators as they are."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _fused_select(backend):
     """The backend's one-launch selection, if it has one."""
     return getattr(backend, "select", None)
@@ -68,24 +93,28 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, reference_loss, backend, ratio: RatioSpec, opts: LossOptions, seq_shape,
-                grad_now: bool, with_info: bool, sink):
+    def forward(ctx, logits, targets, call: Call):
+        backend, opts = call.backend, call.opts
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, opts, reference_loss)
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
+        stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss)
+        reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         # A second backward (retain_graph) recomputes the gradient from the saved logits.
-        ctx.grad = None if not grad_now else backend.logits_grad(logits, targets, stats.lse, reduced.coef,
-                                                                 reduced.mask, opts)
+        ctx.grad = None if not call.grad_now else backend.logits_grad(logits, targets, stats.lse, reduced.coef,
+                                                                      reduced.mask, opts)
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
-        return _outputs(ctx, stats, reduced, with_info, sink)
+        return _outputs(ctx, stats, reduced, call.with_info, call.sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
-        n_inputs = 10
+        with autocast_off(grad_loss.device.type):
+            return CGGRCrossEntropyFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return ctx.backend.mul_(grad, grad_loss), *([None] * (n_inputs - 1))
+            return ctx.backend.mul_(grad, grad_loss), None, None
         logits, targets, lse, mask, coef = ctx.saved_tensors
         opts = ctx.opts
         grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
@@ -95,7 +124,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
             # that saved these logits for its own backward (relu, say) raises instead of
             # reading a gradient as its output.
             torch.autograd.graph.increment_version(logits)
-        return grad, *([None] * (n_inputs - 1))
+        return grad, None, None
 
 
 def cggr_cross_entropy_apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
@@ -104,8 +133,8 @@ def cggr_cross_entropy_apply(logits3d, targets_flat, reference_loss, backend, ra
     grad_now = (torch.is_grad_enabled() and logits3d.requires_grad and opts.reduction != "none"
                 and not opts.inplace_backward and logits3d.numel() <= _GRAD_NOW_MAX_ELEMENTS
                 and not torch.compiler.is_compiling())  # a traced graph schedules the work itself
-    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
-                                             grad_now, with_info, sink)
+    call = Call(backend, ratio, opts, seq_shape, reference_loss, with_info, sink, grad_now=grad_now)
+    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, call)
     return _unpack(outputs, with_info)
 
 
@@ -237,8 +266,8 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, reference_loss, backend, ratio, opts, seq_shape,
-                plan: HeadPlan, with_info: bool, sink):
+    def forward(ctx, hidden, weight, bias, targets, call: Call):
+        backend, ratio, opts, plan, reference_loss = call.backend, call.ratio, call.opts, call.plan, call.reference_loss
         valid = targets != opts.ignore_index
         ctx.weight_dtype = weight.dtype
         weight = _cast_weight(weight, plan)  # saved for the backward in the dtype it computes in
@@ -276,21 +305,25 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             stats = stats_parts[0]
         else:
             stats = RowStats.from_columns(torch.cat([part.columns() for part in stats_parts]))
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
+        reduced = select_and_reduce(stats, valid, ratio, opts, call.seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts, ctx.plan = backend, opts, plan
         ctx.has_bias = bias is not None
         ctx.grads = grads
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, reduced.mask, reduced.coef)
-        return _outputs(ctx, stats, reduced, with_info, sink)
+        return _outputs(ctx, stats, reduced, call.with_info, call.sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
+        with autocast_off(grad_loss.device.type):
+            return CGGRLinearCrossEntropyFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         hidden, weight, bias, targets, lse, mask, coef = ctx.saved_tensors
         bias_dtype = bias.dtype if bias is not None else None
-        n_inputs = 12
         if ctx.grads is None:  # nothing formed in the forward
             grads = _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype))
-            return (*grads.result(ctx.weight_dtype, bias_dtype), *([None] * (n_inputs - 3)))
+            return (*grads.result(ctx.weight_dtype, bias_dtype), None, None)
         grads, ctx.grads = ctx.grads, None
         formed = grads.result(ctx.weight_dtype, bias_dtype, scale=grad_loss)
         recompute_cols = grads.vocab_start if grads.need_weight else 0
@@ -298,7 +331,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         if recompute_cols > 0:
             _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coef * grad_loss.to(coef.dtype),
                                       recompute_cols)
-        return (*formed, *([None] * (n_inputs - 3)))
+        return (*formed, None, None)
 
 
 def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrads:
@@ -353,9 +386,8 @@ def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, refere
     if plan.whole and plan.tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
         return small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
                                 plan, with_info, sink)
-    outputs = CGGRLinearCrossEntropyFunction.apply(
-        hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape, plan, with_info, sink,
-    )
+    call = Call(backend, ratio, opts, seq_shape, reference_loss, with_info, sink, plan=plan)
+    outputs = CGGRLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets_flat, call)
     return _unpack(outputs, with_info)
 
 

@@ -219,6 +219,8 @@ def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     a shifted sequence, padded rows, time-major rows), so that rows read shifted to 16-byte
     boundaries are written shifted alike, its rows then starting ``offset`` elements into its
     storage (that of a view of the logits, see :func:`_boundary_offset`); else contiguous."""
+    if offset == 0 and logits.is_contiguous():  # the common case, decided first: host time counts
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()  # unit stride along V
     (n_inner, s_inner), (n_outer, s_outer) = sorted(((b, stride_b), (t, stride_t)), key=lambda dim: dim[1])
     apart = (n_inner == 1 or s_inner >= v) and (n_outer == 1 or s_outer >= (n_inner - 1) * s_inner + v)
@@ -326,6 +328,12 @@ _IMPORTANCE_ITERATIONS = 40  # halvings of log c over 101 octaves: c within 2e-1
 _MAX_FUSED_STRATA = 64  # more strata than this (or more rows than one block) take the PyTorch path
 
 
+@functools.lru_cache(maxsize=256)
+def _float_bits(value: float) -> int:
+    """A Python float as the int64 of its bits: it travels so, and the budget is computed from it exactly."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
 def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
     """``topk``, ``random``, ``importance``, ``stratified`` and ``sequence_aware`` selection and
     reduction of float32 statistics in one selection launch: (mask, weight, coef, loss, n_valid,
@@ -349,8 +357,7 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if opts.reduction == "none" else loss
     counts = torch.empty(2, dtype=torch.int64, device=device)
     from_ptr = isinstance(ratio, torch.Tensor)
-    # A Python float travels as its bits, so the budget is computed from it exactly.
-    ratio_bits = 0 if from_ptr else struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
+    ratio_bits = 0 if from_ptr else _float_bits(ratio)
     config = launch_config(n_rows, "select", block_name="CHUNK")
     one_step = n_rows <= config["CHUNK"]
     if opts.selection == "stratified" and not (one_step and opts.num_strata <= _MAX_FUSED_STRATA):

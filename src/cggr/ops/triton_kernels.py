@@ -200,7 +200,8 @@ def row_stats_kernel(
         x = tl.where(in_block, _transform(x, scale, cap, TRANSFORM), neg_inf)
         x_acc += _fold(tl.where(in_block, x, 0.0), BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
-            x, target_start - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+            x, target_start - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ,
+            FOLD)
     offs = full_end + cols
     in_row = (offs < length) & valid
     x = tl.load(row_ptr + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
