@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cggr.core import LossOptions
 from cggr.functional import cggr_cross_entropy
-from cggr.scoring import SCORINGS
+from cggr.scoring import SCORINGS, RowStats
 from cggr.selection import SELECTIONS
 from helpers import assert_backends_agree, loss_and_grad, make_batch, scoring_options
 
@@ -336,3 +336,26 @@ def test_one_launch_stratified_shares_remainders_ties_and_caps(n, ratio, strata)
         want = _select_and_reduce_rows(stats, valid, ratio, opts, None)
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got[3], want[3])
+
+
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_statistics_without_the_entropy(monkeypatch, scoring):
+    """Without a caller for the entropy (no info), the kernel may skip its sum: every other field
+    is what the full statistics hold, and the entropy is 0 unless the scoring reads it."""
+    from cggr.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "launch_config", _fixed_block(16))  # many blocks a row
+    logits, targets = make_batch((2, 6), 101, torch.bfloat16, seed=21)
+    logits[0, 1, :7] = float("-inf")
+    valid = targets.reshape(-1) != -100
+    opts = LossOptions(scoring=scoring)
+    reference = torch.rand(12) if scoring == "excess" else None
+    full = triton_backend.row_stats(logits, targets.reshape(-1), valid, opts, reference).columns()
+    lean = triton_backend.row_stats(logits, targets.reshape(-1), valid, opts, reference, need_entropy=False).columns()
+    entropy = RowStats._fields.index("entropy")
+    others = [i for i in range(full.shape[1]) if i != entropy]
+    torch.testing.assert_close(lean[:, others], full[:, others], rtol=1e-6, atol=1e-7)
+    if scoring in ("entropy", "combined"):
+        torch.testing.assert_close(lean[:, entropy], full[:, entropy])
+    else:
+        assert (lean[:, entropy] == 0).all() and (full[valid, entropy] > 0).all()

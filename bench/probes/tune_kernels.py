@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _results import copy_bandwidth_gbs  # noqa: E402
 
 STATS_CONFIGS = [(512, 1), (1024, 1), (512, 2), (1024, 2), (2048, 2), (1024, 4), (2048, 4), (4096, 4), (4096, 8),
-                 (8192, 8)]
+                 (8192, 8)]  # (BLOCK_V, num_warps)
 
 GRAD_CONFIGS = [(8192, 16), (16384, 16), (16384, 32), (32768, 32)]
 
@@ -96,7 +96,25 @@ def main():
                                                               0.0), return_mode="median") for scoring in scorings]
         print(f"{config[0]:>7} {config[1]:>5}"
               + "".join(f" {t:12.3f} {100 * nbytes / t / 1e6 / bandwidth:4.0f}" for t in times))
+    triton_backend.CONFIGS.update(defaults)
+    print(f"gradnorm with its registers capped at {triton_backend._SUM_SQ_MAX_REGISTERS} / not capped (ms, %bw), "
+          "and with few rows (N=1024):")
+    cap, few = triton_backend._SUM_SQ_MAX_REGISTERS, logits[:, :1024]
+    for config in STATS_CONFIGS:
+        for kind in ("stats", "stats_sum_sq", "stats_few"):
+            triton_backend.CONFIGS[kind] = config
+        cells = []
+        for rows in (logits, few):
+            for registers in (cap, None):
+                triton_backend._SUM_SQ_MAX_REGISTERS = registers
+                t = do_bench(lambda: triton_backend.row_stats_op(rows, targets[:rows.shape[1]], valid[:rows.shape[1]],
+                                                                 None, "gradnorm", 0.0, 0.0, 1.0, 0.0),
+                             return_mode="median")
+                cells.append(f" {t:8.3f} {100 * rows.numel() * 2 / t / 1e6 / bandwidth:4.0f}")
+        print(f"{config[0]:>7} {config[1]:>5}" + "".join(cells))
+    triton_backend._SUM_SQ_MAX_REGISTERS = cap
     if "--stats-only" in sys.argv:
+        triton_backend.CONFIGS.update(defaults)
         return
     triton_backend.CONFIGS.update(defaults)
     grad_bytes = nbytes * (1 + mask.float().mean().item())

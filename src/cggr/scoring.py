@@ -69,9 +69,9 @@ def transform_slope(transformed: torch.Tensor, logit_scale: float, logit_softcap
 
 
 def scoring_reads(scoring: str):
-    """(second_prob, sum_sq_other_prob): which optional fields ``scoring`` reads; a backend may
-    leave the others 0."""
-    return scoring in ("margin", "combined"), scoring == "gradnorm"
+    """(second_prob, sum_sq_other_prob, entropy): which optional fields ``scoring`` reads; a
+    backend may leave the others 0 (the entropy only where no caller asks for it either)."""
+    return scoring in ("margin", "combined"), scoring == "gradnorm", scoring in ("entropy", "combined")
 
 
 def nll(stats: RowStats) -> torch.Tensor:

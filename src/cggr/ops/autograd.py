@@ -3,7 +3,8 @@
 A backend is any object with
 
 * ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions,
-  reference_loss=None) -> RowStats``
+  reference_loss=None, need_entropy=True) -> RowStats`` (the entropy is read only by the info and
+  the entropy-based scorings: without them it may be left 0)
 * ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, opts, grad_scale=None, out=None,
   vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where ``mask`` is False;
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
@@ -61,6 +62,11 @@ class Call(NamedTuple):
     grad_now: bool = False  # logits path: form the gradient in the forward (see CGGRCrossEntropyFunction)
     plan: Optional["HeadPlan"] = None  # linear path
 
+    @property
+    def needs_info(self) -> bool:
+        """Whether anything reads the info (and so every statistic) of this call."""
+        return self.with_info or self.sink is not None
+
 
 def autocast_off(device_type: str):
     """A context with autocast off for ``device_type`` (entering one costs host time: only if on).
@@ -96,7 +102,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, call: Call):
         backend, opts = call.backend, call.opts
         valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss)
+        stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         # A second backward (retain_graph) recomputes the gradient from the saved logits.
@@ -287,7 +293,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
         for rows in _chunks(hidden.shape[0], plan.chunk_rows):
             logits = _project(hidden[rows], weight, bias)[None]
             chunk_ref = None if reference_loss is None else reference_loss[rows]
-            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref)
+            chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref, call.needs_info)
             stats_parts.append(chunk_stats)
             if at_one:
                 coef = valid[rows].to(chunk_stats.lse.dtype)
@@ -418,7 +424,7 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backe
         valid = targets_flat != opts.ignore_index
         cast_weight = _cast_weight(weight, plan)
         logits = _project(hidden2d, cast_weight, bias)[None]
-        stats = backend.row_stats(logits, targets_flat, valid, opts, reference_loss)
+        stats = backend.row_stats(logits, targets_flat, valid, opts, reference_loss, with_info or sink is not None)
         reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
         # The logits become their gradient, zero on the rows not selected.
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,

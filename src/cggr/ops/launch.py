@@ -4,7 +4,7 @@
 20 µs of host time a launch, more than the GPU spends on a small batch. :func:`launch` keeps
 each compiled kernel under a key holding everything Triton specialises on here (each tensor's
 dtype and 16-byte alignment; each integer's equality to 1, divisibility by 16 and 32-bit range;
-the constexprs, ``num_warps`` and the device) and later calls its launcher directly, the way
+the constexprs, ``num_warps``, ``maxnreg`` and the device) and later calls its launcher directly, the way
 torch.compile's generated code does. The first call of a key, the interpreter and untested
 Triton versions take the ordinary path.
 """
@@ -33,16 +33,19 @@ def _specialisation(arg):
     return arg  # bool, None, a dtype: by value
 
 
-def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, **constexprs) -> None:
-    """``kernel[(grid,)](*args, **constexprs, num_warps=num_warps)`` on the current device and
-    stream. ``args`` are the kernel's runtime arguments in order; ``constexprs`` name every
-    constexpr parameter (they follow the runtime ones in each kernel here)."""
+def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: Optional[int] = None,
+           **constexprs) -> None:
+    """``kernel[(grid,)](*args, **constexprs, num_warps=num_warps, maxnreg=maxnreg)`` on the current
+    device and stream. ``args`` are the kernel's runtime arguments in order; ``constexprs`` name
+    every constexpr parameter (they follow the runtime ones in each kernel here)."""
     options = {} if num_warps is None else {"num_warps": num_warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     if not _DIRECT or not isinstance(kernel, triton.runtime.JITFunction):  # the interpreter
         kernel[(grid,)](*args, **constexprs, **options)
         return
     device = driver.active.get_current_device()
-    key = (kernel, device, num_warps, *constexprs.items(), *map(_specialisation, args))
+    key = (kernel, device, num_warps, maxnreg, *constexprs.items(), *map(_specialisation, args))
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[(grid,)](*args, **constexprs, **options)

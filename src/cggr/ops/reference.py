@@ -56,11 +56,12 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
-              reference_loss: Optional[torch.Tensor] = None) -> RowStats:
+              reference_loss: Optional[torch.Tensor] = None, need_entropy: bool = True) -> RowStats:
     """Statistics of every row. logits ``[B, T, V]`` any float dtype; targets, valid (and
     ``reference_loss`` for the ``excess`` scoring) ``[B*T]`` contiguous; ``opts`` a LossOptions
     (logit scale and softcap, scoring, label smoothing and z-loss). Returns float32 (float64 for
-    float64 logits), 0 on invalid rows; computes every field."""
+    float64 logits), 0 on invalid rows; computes every field (``need_entropy`` False lets a
+    backend leave the entropy 0 where the scoring does not read it)."""
     vocab_size = logits.shape[-1]
     logits = logits.reshape(-1, vocab_size)
     n_rows = logits.shape[0]

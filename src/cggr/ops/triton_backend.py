@@ -42,6 +42,11 @@ _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index(
 CONFIGS = {"stats": (1024, 2), "stats_sum_sq": (512, 1), "stats_few": (2048, 4), "grad": (16384, 16),
            "select": (8192, 16)}
 _FEW_ROWS_PER_SM = 12
+# gradnorm's statistics compile to 80-120 registers a thread where the other scorings take 56-64
+# (ptxas keeps the exponentials live for three sums), which halves the rows in flight per SM.
+# Capped at 64 they need no spills for 16-bit rows read aligned without a softcap (SASS for
+# sm_90: same loop, no local memory); elsewhere the cap would spill, so it is not applied.
+_SUM_SQ_MAX_REGISTERS = 64
 
 # Fixed when the kernels were decorated: TRITON_INTERPRET is read at import.
 _INTERPRETING = triton_interpreting()
@@ -99,16 +104,20 @@ def _transform_args(logit_scale: float, logit_softcap: Optional[float]):
 
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, reference_loss: Optional[torch.Tensor],
                scoring: str, label_smoothing: float, z_loss: float, logit_scale: float,
-               logit_softcap: float) -> torch.Tensor:
+               logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
     batch, seq_len, vocab_size = logits.shape
     n_rows = batch * seq_len
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return stats
-    need_second, need_sum_sq = scoring_reads(scoring)
+    need_second, need_sum_sq, scoring_entropy = scoring_reads(scoring)
     config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_sum_sq))
     align, (rows,), offset = _row_layout(config, logits)
     transform, transform_args = _transform_args(logit_scale, logit_softcap)
+    fold = _fold_width(rows, config, align)
+    if (need_sum_sq and _SUM_SQ_MAX_REGISTERS and align == 1 and fold > 1 and transform < 2
+            and logits.element_size() == 2 and not _INTERPRETING):  # rows aligned as they are, no softcap
+        config["maxnreg"] = _SUM_SQ_MAX_REGISTERS
     with _device_guard(logits):
         launch(
             row_stats_kernel, n_rows,
@@ -117,7 +126,7 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
             *transform_args,
             ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
             NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            FOLD=_fold_width(rows, config, align), ALIGN=align, TRANSFORM=transform, **config,
+            FOLD=fold, ALIGN=align, TRANSFORM=transform, NEED_ENTROPY=need_entropy or scoring_entropy, **config,
         )
     return stats
 
@@ -176,15 +185,17 @@ def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
 def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                  reference_loss: Optional[torch.Tensor], scoring: str, label_smoothing: float, z_loss: float,
-                 logit_scale: float, logit_softcap: float) -> torch.Tensor:
+                 logit_scale: float, logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
     """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
-    the optional fields ``scoring`` does not read are 0. ``logit_softcap`` 0 means none."""
+    the optional fields ``scoring`` does not read are 0 (the entropy too unless ``need_entropy``).
+    ``logit_softcap`` 0 means none."""
     return _row_stats(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale,
-                      logit_softcap)
+                      logit_softcap, need_entropy)
 
 
 @row_stats_op.register_fake
-def _(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale, logit_softcap):
+def _(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale, logit_softcap,
+      need_entropy=True):
     return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
@@ -269,11 +280,11 @@ def logits_grad_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: tor
 # Eager calls skip the custom-op dispatcher (it costs more than the small kernels around
 # it); under torch.compile the ops are what gets traced, so there is no graph break.
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
-              reference_loss: Optional[torch.Tensor] = None) -> RowStats:
+              reference_loss: Optional[torch.Tensor] = None, need_entropy: bool = True) -> RowStats:
     """See :func:`cggr.ops.reference.row_stats`."""
     compute = row_stats_op if torch.compiler.is_compiling() else _row_stats
     return RowStats.from_columns(compute(logits, targets, valid, reference_loss, opts.scoring, opts.label_smoothing,
-                                         opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0))
+                                         opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0, need_entropy))
 
 
 def logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=None, out=None, vocab_size=None):

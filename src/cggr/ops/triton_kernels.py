@@ -13,11 +13,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
                   BLOCK_V: tl.constexpr, NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, FOLD: tl.constexpr,
-                  HAS_TARGET: tl.constexpr = True):
+                  NEED_ENTROPY: tl.constexpr, HAS_TARGET: tl.constexpr = True):
     """Absorb one block of logits (float, -inf where masked; columns ``start + arange(BLOCK_V)``) into the
     running row state: the maximum ``m`` and runner-up ``second`` (scalars) and the per-lane
     sums. ``q`` leaves out the target column (see RowStats.sum_sq_other_prob); a block known not
-    to hold it (``HAS_TARGET`` False) skips the per-element test.
+    to hold it (``HAS_TARGET`` False) skips the per-element test. ``t`` (the entropy's sum) only
+    with ``NEED_ENTROPY``: two of the dozen or so instructions per element.
 
     Exponents are taken in base 2, ``d = (x - m) log2 e`` as one fused multiply-add (one
     instruction less per element than ``exp``; the kernel is short of instructions): s and t
@@ -35,17 +36,22 @@ def _absorb_block(x, start, target, m, second, s_acc, t_acc, q_acc,
         started = m != float("-inf")
         shift = tl.where(started, (m - block_max) * LOG2E, 0.0)
         alpha = tl.where(started, tl.exp2(shift), 0.0)
-        t_acc = alpha * (t_acc + shift * s_acc)
+        if NEED_ENTROPY:
+            t_acc = alpha * (t_acc + shift * s_acc)
         s_acc = alpha * s_acc
         if NEED_SUM_SQ:
             q_acc = alpha * alpha * q_acc
         m = block_max
-    # 2**-1100 is 0 even in float64, so clamping d there makes -inf logits contribute exactly
-    # nothing to s and t without a select; m is -inf only while the whole row so far is.
-    d = tl.maximum(x * LOG2E - tl.where(m == float("-inf"), 0.0, m * LOG2E), -1100.0)
+    # m is -inf only while the whole row so far is. A -inf logit has d = -inf and e = 0; for t,
+    # whose term is e * d, d is clamped at -1100 instead (2**-1100 is 0 even in float64), so that
+    # it contributes exactly nothing without a select.
+    d = x * LOG2E - tl.where(m == float("-inf"), 0.0, m * LOG2E)
+    if NEED_ENTROPY:
+        d = tl.maximum(d, -1100.0)
     e = tl.exp2(d)
     s_acc += _fold(e, BLOCK_V, FOLD)
-    t_acc += _fold(e * d, BLOCK_V, FOLD)
+    if NEED_ENTROPY:
+        t_acc += _fold(e * d, BLOCK_V, FOLD)
     if NEED_SUM_SQ:
         if HAS_TARGET:
             q_acc += _fold(tl.where(tl.arange(0, BLOCK_V) == target - start, 0.0, e * e), BLOCK_V, FOLD)
@@ -121,13 +127,13 @@ def row_stats_kernel(
     seq_len, stride_b, stride_t, offset, vocab_size, eps_hi, eps_lo, z_hi, z_lo, scale_hi, scale_lo, cap_hi, cap_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
-    ALIGN: tl.constexpr, TRANSFORM: tl.constexpr,
+    ALIGN: tl.constexpr, TRANSFORM: tl.constexpr, NEED_ENTROPY: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
-    order); zeros on invalid rows, and in the optional fields the scoring does not read, so
-    unused accumulators cost nothing. ``score`` and ``loss`` are the epilogue of
-    :func:`_score_and_loss`; label smoothing and z-loss come as float32 (hi, lo) pairs, so
-    that float64 rows see them at full precision.
+    order); zeros on invalid rows, and in the optional fields that neither the scoring nor the
+    caller reads (the entropy without NEED_ENTROPY), so unused accumulators cost nothing.
+    ``score`` and ``loss`` are the epilogue of :func:`_score_and_loss`; label smoothing and z-loss
+    come as float32 (hi, lo) pairs, so that float64 rows see them at full precision.
 
     The running maximum ``m`` is a scalar; the sums are kept per lane and reduced once at
     the end. ``t`` accumulates ``e * d`` (``d`` the shifted exponent) so that the entropy
@@ -164,7 +170,8 @@ def row_stats_kernel(
         x = tl.where(head, _transform(x, scale, cap, TRANSFORM), neg_inf)
         x_acc += _fold(tl.where(head, x, 0.0), BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
-            x, -shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+            x, -shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD,
+            NEED_ENTROPY)
         full_end = tl.where(valid, first + (tl.maximum(length - first, 0) // BLOCK_V) * BLOCK_V, first)
     else:
         row_ptr, shift, first, length = logits_ptr + base, 0, 0, vocab_size
@@ -193,7 +200,7 @@ def row_stats_kernel(
         x_acc += _fold(x, BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
             x, _wrapped(p, full_end, span) - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND,
-            NEED_SUM_SQ, FOLD, HAS_TARGET=False)
+            NEED_SUM_SQ, FOLD, NEED_ENTROPY, HAS_TARGET=False)
     if NEED_SUM_SQ:  # the target's block (all masked when the target is not in a full block)
         in_block = target_in_loop & (cols < BLOCK_V)
         x = tl.load(row_ptr + target_start + cols, mask=in_block, other=neg_inf).to(ACC_DTYPE)
@@ -201,19 +208,20 @@ def row_stats_kernel(
         x_acc += _fold(tl.where(in_block, x, 0.0), BLOCK_V, FOLD)
         m, second, s_acc, t_acc, q_acc = _absorb_block(
             x, target_start - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ,
-            FOLD)
+            FOLD, NEED_ENTROPY)
     offs = full_end + cols
     in_row = (offs < length) & valid
     x = tl.load(row_ptr + offs, mask=in_row, other=neg_inf).to(ACC_DTYPE)
     x = tl.where(in_row, _transform(x, scale, cap, TRANSFORM), neg_inf)
     x_acc += _fold(tl.where(in_row, x, 0.0), BLOCK_V, FOLD)
     m, second, s_acc, t_acc, q_acc = _absorb_block(
-        x, full_end - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD)
+        x, full_end - shift, target_col, m, second, s_acc, t_acc, q_acc, BLOCK_V, NEED_SECOND, NEED_SUM_SQ, FOLD,
+        NEED_ENTROPY)
 
     # s and t are in base 2: lse = ln 2 (m log2 e + log2 S) and H = ln 2 (log2 S - t / S).
     total = tl.sum(s_acc, 0)
     lse = (m * LOG2E + tl.log2(total)) * LN2
-    entropy = (tl.log2(total) - tl.sum(t_acc, 0) / total) * LN2
+    entropy = tl.where(NEED_ENTROPY, (tl.log2(total) - tl.sum(t_acc, 0) / total) * LN2, 0.0)
     sum_x = tl.sum(x_acc, 0)
     safe_target = tl.minimum(tl.maximum(target, 0), vocab_size - 1)
     target_logit = tl.load(logits_ptr + base + safe_target, mask=valid, other=0.0).to(ACC_DTYPE)
