@@ -4,8 +4,8 @@
 20 µs of host time a launch, more than the GPU spends on a small batch. :func:`launch` keeps
 each compiled kernel under a key holding everything Triton specialises on here (each tensor's
 dtype and 16-byte alignment; each integer's equality to 1, divisibility by 16 and 32-bit range;
-the constexprs, ``num_warps``, ``maxnreg`` and the device) and later calls its launcher directly, the way
-torch.compile's generated code does. The first call of a key, the interpreter and untested
+the constexprs, ``num_warps``, ``maxnreg`` and the device) and later calls its launcher
+directly, the way torch.compile's generated code does. The first call of a key, the interpreter and untested
 Triton versions take the ordinary path.
 """
 from __future__ import annotations

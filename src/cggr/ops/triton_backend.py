@@ -33,9 +33,10 @@ _SCORE_COL, _LOSS_COL = RowStats._fields.index("score"), RowStats._fields.index(
 
 
 # (block, num_warps) chosen with bench/probes/tune_kernels.py (which overwrites entries to sweep them).
-# The statistics kernel is short of instructions: gradnorm's extra accumulator ("stats_sum_sq")
-# does best with smaller blocks; two warps a row suit the others (H200, 8192 x 128,256: combined
-# 0.578 -> 0.531 ms against one warp and 512 lanes). With few rows ("stats_few", fewer than
+# The statistics kernel is short of instructions: two warps a row suit most scorings (H200,
+# 8192 x 128,256: combined 0.578 -> 0.531 ms against one warp and 512 lanes); gradnorm's extra
+# accumulator ("stats_sum_sq") keeps 512 lanes and one warp, which need no register cap (below)
+# to run well: 1024 lanes and two warps equal them only with it. With few rows ("stats_few", fewer than
 # _FEW_ROWS_PER_SM per SM, as in the linear path's chunks) one warp a row leaves the SMs short of
 # loads in flight. The block is BLOCK_V for the row kernels and the rows per step of the
 # one-program selection.
