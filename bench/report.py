@@ -54,72 +54,67 @@ importance sampling and the gradnorm default); their commands are in each file.
 """
 
 
+def _table(caption: str, columns, rows) -> str:
+    """``caption``, then a Markdown table with ``columns`` and ``rows`` (each a sequence of cells)."""
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def loss_table(data):
-    lines = [f"`{data['command']}` on {data['device']} (copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s, "
-             f"torch {data['versions'].get('torch')}, triton {data['versions'].get('triton')}, {data['date']}), "
-             f"{data['dtype']}, forward+backward, median ms / peak extra GB:", "",
-             "| N | V | method | ms | extra GB | note |", "|---|---|---|---|---|---|"]
-    for row in data["rows"]:
-        extra = "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:.2f}"
-        lines.append(f"| {row['N']} | {row['V']} | {row['method']} | {row['ms']:.3f} | {extra} | "
-                     f"{loss_row_note(row)} |")
-    return "\n".join(lines)
+    caption = (f"`{data['command']}` on {data['device']} (copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s, "
+               f"torch {data['versions'].get('torch')}, triton {data['versions'].get('triton')}, {data['date']}), "
+               f"{data['dtype']}, forward+backward, median ms / peak extra GB:")
+    rows = [(row["N"], row["V"], row["method"], f"{row['ms']:.3f}",
+             "" if row["extra_bytes"] is None else f"{row['extra_bytes'] / 1e9:.2f}", loss_row_note(row))
+            for row in data["rows"]]
+    return _table(caption, ("N", "V", "method", "ms", "extra GB", "note"), rows)
 
 
 def linear_table(data):
-    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
-             f"{data.get('date', '')}), {data['dtype']}, forward+backward (gradients of hidden and weight), "
-             "median ms / peak extra GB:", "",
-             "| N | H | V | method | grads kept | ms | extra GB |", "|---|---|---|---|---|---|---|"]
-    for row in data["rows"]:
-        kept = "yes" if row.get("grads_kept") else "no"
-        lines.append(f"| {row['N']} | {row['H']} | {row['V']} | {row['method']} | {kept} | {row['ms']:.2f} | "
-                     f"{row['extra_bytes'] / 1e9:.2f} |")
-    return "\n".join(lines)
+    caption = (f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
+               f"{data.get('date', '')}), {data['dtype']}, forward+backward (gradients of hidden and weight), "
+               "median ms / peak extra GB:")
+    rows = [(row["N"], row["H"], row["V"], row["method"], "yes" if row.get("grads_kept") else "no",
+             f"{row['ms']:.2f}", f"{row['extra_bytes'] / 1e9:.2f}") for row in data["rows"]]
+    return _table(caption, ("N", "H", "V", "method", "grads kept", "ms", "extra GB"), rows)
+
+
+def _e2e_cells(row):
+    if "max_batch" in row:
+        return f"largest: {row['max_batch']}", "", "", ""
+    if row["ms"] is None:
+        return row["batch"], "out of memory", "", ""
+    return row["batch"], f"{row['ms']:.1f}", f"{row['tokens_per_s']:.0f}", f"{row['peak_bytes'] / 1e9:.1f}"
 
 
 def e2e_table(data):
-    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, transformers "
-             f"{data['versions'].get('transformers')}, {data['date']}): whole training steps (forward, backward, "
-             "fused AdamW), T = 2048, random-init models built from their configurations:", "",
-             "| model | precision | method | batch | step ms | tokens/s | peak GB |", "|---|---|---|---|---|---|---|"]
-    for row in data["rows"]:
-        if "max_batch" in row:
-            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | largest: {row['max_batch']} "
-                         "| | | |")
-        elif row["ms"] is None:
-            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | {row['batch']} | "
-                         "out of memory | | |")
-        else:
-            lines.append(f"| {row['model']} | {row['precision']} | {row['method']} | {row['batch']} | "
-                         f"{row['ms']:.1f} | {row['tokens_per_s']:.0f} | {row['peak_bytes'] / 1e9:.1f} |")
-    return "\n".join(lines)
+    caption = (f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, transformers "
+               f"{data['versions'].get('transformers')}, {data['date']}): whole training steps (forward, backward, "
+               "fused AdamW), T = 2048, random-init models built from their configurations:")
+    rows = [(row["model"], row["precision"], row["method"], *_e2e_cells(row)) for row in data["rows"]]
+    return _table(caption, ("model", "precision", "method", "batch", "step ms", "tokens/s", "peak GB"), rows)
 
 
 def small_table(data):
-    lines = [f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
-             f"{data.get('date', '')}), bf16, forward+backward, {data['rounds']} alternated rounds of do_bench "
-             "medians: the fastest round (the host at its quietest), the median round, and every round (ms):", "",
-             "| shape | method | fastest | median | rounds |", "|---|---|---|---|---|"]
-    for row in data["rows"]:
-        shape = " × ".join(str(row[k]) for k in ("N", "H", "V") if k in row)
-        lines.append(f"| {shape} | {row['method']} | {row['ms']:.3f} | {row['median_ms']:.3f} | "
-                     + " ".join(f"{v:.3f}" for v in row["rounds_ms"]) + " |")
-    return "\n".join(lines)
+    caption = (f"`{data['command']}` on {data['device']} (torch {data['versions'].get('torch')}, "
+               f"{data.get('date', '')}), bf16, forward+backward, {data['rounds']} alternated rounds of do_bench "
+               "medians: the fastest round (the host at its quietest), the median round, and every round (ms):")
+    rows = [(" × ".join(str(row[k]) for k in ("N", "H", "V") if k in row), row["method"], f"{row['ms']:.3f}",
+             f"{row['median_ms']:.3f}", " ".join(f"{v:.3f}" for v in row["rounds_ms"])) for row in data["rows"]]
+    return _table(caption, ("shape", "method", "fastest", "median", "rounds"), rows)
 
 
 def distributed_table(data):
     rows = data["rows"]
-    lines = [f"`{data['command']}` on {data['device']} ({data['world_size']} process(es), torch "
-             f"{data['versions'].get('torch')}, {data['date']}): selection over the process group against one "
-             "process on the concatenated batch (relative errors of loss and gradient):", "",
-             "| case | same mask | loss rel. error | grad rel. error |", "|---|---|---|---|"]
-    for row in rows["checks"]:
-        lines.append(f"| {row['case']} | {'yes' if row['mask_equal'] else 'NO'} | {row['loss_rel_err']:.1e} | "
-                     f"{row['grad_rel_err']:.1e} |")
+    caption = (f"`{data['command']}` on {data['device']} ({data['world_size']} process(es), torch "
+               f"{data['versions'].get('torch')}, {data['date']}): selection over the process group against one "
+               "process on the concatenated batch (relative errors of loss and gradient):")
+    checks = [(row["case"], "yes" if row["mask_equal"] else "NO", f"{row['loss_rel_err']:.1e}",
+               f"{row['grad_rel_err']:.1e}") for row in rows["checks"]]
+    text = _table(caption, ("case", "same mask", "loss rel. error", "grad rel. error"), checks)
     if rows.get("timing"):
-        lines += ["", "Timing rows (as stored):", ""] + [f"- `{json.dumps(row)}`" for row in rows["timing"]]
-    return "\n".join(lines)
+        text += "\n\nTiming rows (as stored):\n\n" + "\n".join(f"- `{json.dumps(row)}`" for row in rows["timing"])
+    return text
 
 
 def scenarios_section(path):

@@ -26,7 +26,7 @@ import torch
 from ..core import LossOptions, RatioSpec, build_info, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
-from .reference import compute_dtype
+from .reference import compute_dtype, scaled
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 # Logits of at most this many elements (256 MiB in bf16) get their gradient in the forward: at
@@ -389,10 +389,9 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
                                     seq_shape, plan: HeadPlan, with_info=True, sink=None):
-    if plan.whole and plan.tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
-        return small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
-                                plan, with_info, sink)
     call = Call(backend, ratio, opts, seq_shape, reference_loss, with_info, sink, plan=plan)
+    if plan.whole and plan.tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
+        return small_head_apply(hidden2d, weight, bias, targets_flat, call)
     outputs = CGGRLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets_flat, call)
     return _unpack(outputs, with_info)
 
@@ -409,23 +408,21 @@ class _ScaledGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # At least float32: each product is then rounded once, to its gradient's dtype.
-        scale = grad_loss.to(torch.promote_types(grad_loss.dtype, torch.float32))
-        return None, None, *(None if g is None else (g * scale).to(g.dtype) for g in ctx.formed)
+        return None, None, *(None if g is None else scaled(g, grad_loss) for g in ctx.formed)
 
 
-def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
-                     plan: HeadPlan, with_info=True, sink=None):
+def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
     """A small head (its logits one chunk) with a scalar loss, under autograd: logits, selection,
     logits gradient and the gradients of hidden, weight and bias, all in the forward. Host time
     sets the pace at this size: work queued in the forward keeps the GPU busy while autograd
     hands the backward to its device thread, and the backward is a few small multiplies."""
+    backend, opts, plan = call.backend, call.opts, call.plan
     with torch.no_grad():
         valid = targets_flat != opts.ignore_index
         cast_weight = _cast_weight(weight, plan)
         logits = _project(hidden2d, cast_weight, bias)[None]
-        stats = backend.row_stats(logits, targets_flat, valid, opts, reference_loss, with_info or sink is not None)
-        reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape, _fused_select(backend))
+        stats = backend.row_stats(logits, targets_flat, valid, opts, call.reference_loss, call.needs_info)
+        reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         # The logits become their gradient, zero on the rows not selected.
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
                                           out=logits)[0]
@@ -436,6 +433,6 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, reference_loss, backe
         del grad_logits
         formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
     loss = _ScaledGradients.apply(reduced.loss, formed, hidden2d, weight, bias)
-    if sink is not None:
-        sink.append((stats, reduced))
-    return loss, (build_info(stats, reduced) if with_info else None)
+    if call.sink is not None:
+        call.sink.append((stats, reduced))
+    return loss, (build_info(stats, reduced) if call.with_info else None)

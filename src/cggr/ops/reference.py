@@ -126,11 +126,17 @@ def logits_grad(
     return result.view(shape)
 
 
-def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``tensor *= scale`` in place; ``scale`` a 0-d tensor (the upstream gradient). Computed in
-    at least float32 and rounded once, as the Triton backend does."""
+def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``tensor * scale``, a new tensor of ``tensor``'s dtype; ``scale`` a 0-d tensor (the upstream
+    gradient). Computed in at least float32 and rounded once, as the Triton backend does (a
+    bf16 tensor times a float32 0-d tensor could round the scale to bf16 first)."""
     wide = torch.promote_types(tensor.dtype, torch.float32)
-    return tensor.copy_(tensor.to(wide) * scale.to(wide))
+    return (tensor.to(wide) * scale.to(wide)).to(tensor.dtype)
+
+
+def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``tensor *= scale`` in place, as :func:`scaled` computes it."""
+    return tensor.copy_(scaled(tensor, scale))
 
 
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
