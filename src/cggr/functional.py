@@ -310,18 +310,16 @@ def prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: Lo
     impl = get_backend(backend, rows.device)
     if check_targets:
         check.check_target_range(targets, vocab_size, opts.ignore_index)
-    flat_targets = targets.reshape(-1).contiguous()
+    flat_targets = targets if targets.dim() == 1 and targets.is_contiguous() else targets.reshape(-1).contiguous()
     if reference_loss is not None:
         reference_loss = reference_loss.detach().reshape(-1).contiguous()
     return impl, seq_shape, flat_targets, reference_loss
 
 
-def as_rows3d(logits: torch.Tensor) -> torch.Tensor:
-    """``[..., V]`` -> ``[B, T, V]`` with unit stride along V and ``.view(-1, V)`` possible
-    whenever the B and T strides allow; a view wherever possible."""
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(0)
-    elif logits.dim() > 3:
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` -> ``[N, V]`` or ``[B, T, V]`` with unit stride along V and ``.view(-1, V)``
+    possible whenever the B and T strides allow; a view wherever possible."""
+    if logits.dim() > 3:
         logits = logits.reshape(-1, logits.shape[-2], logits.shape[-1])
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
@@ -339,7 +337,7 @@ def run_cross_entropy(logits, targets, ratio: RatioSpec, opts: LossOptions, back
     check.check_inplace_backward(opts.inplace_backward, logits)
     impl, seq_shape, flat_targets, reference_loss = prepare(logits, targets, logits.shape[-1], opts, backend,
                                                             check_targets, reference_loss)
-    loss, info = cggr_cross_entropy_apply(as_rows3d(logits), flat_targets, reference_loss, impl, ratio, opts,
+    loss, info = cggr_cross_entropy_apply(as_rows(logits), flat_targets, reference_loss, impl, ratio, opts,
                                           seq_shape, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)
 

@@ -101,6 +101,8 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, call: Call):
         backend, opts = call.backend, call.opts
+        ctx.rows_2d = logits.dim() == 2  # [N, V] is viewed as [1, N, V] here, not by an autograd node
+        logits = rows3d(logits)
         valid = targets != opts.ignore_index
         stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
@@ -120,27 +122,34 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     def _backward(ctx, grad_loss):
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return ctx.backend.mul_(grad, grad_loss), None, None
-        logits, targets, lse, mask, coef = ctx.saved_tensors
-        opts = ctx.opts
-        grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
-                                       out=logits if opts.inplace_backward else None)
-        if opts.inplace_backward:
-            # The kernels write behind autograd's back: mark the buffer changed, so that an op
-            # that saved these logits for its own backward (relu, say) raises instead of
-            # reading a gradient as its output.
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None
+            grad = ctx.backend.mul_(grad, grad_loss)
+        else:
+            saved_logits, targets, lse, mask, coef = ctx.saved_tensors
+            logits, opts = rows3d(saved_logits), ctx.opts
+            grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
+                                           out=logits if opts.inplace_backward else None)
+            if opts.inplace_backward:
+                # The kernels write behind autograd's back: mark the buffer changed, so that an op
+                # that saved these logits for its own backward (relu, say) raises instead of
+                # reading a gradient as its output.
+                torch.autograd.graph.increment_version(saved_logits)
+        return (grad[0] if ctx.rows_2d else grad), None, None
 
 
-def cggr_cross_entropy_apply(logits3d, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
+def rows3d(logits: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` as ``[1, N, V]``; ``[B, T, V]`` as it is."""
+    return logits if logits.dim() == 3 else logits.unsqueeze(0)
+
+
+def cggr_cross_entropy_apply(logits, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
                              with_info=True, sink=None):
-    """Run the Function; returns ``(loss, CGGRInfo or None)`` with flat per-row info."""
-    grad_now = (torch.is_grad_enabled() and logits3d.requires_grad and opts.reduction != "none"
-                and not opts.inplace_backward and logits3d.numel() <= _GRAD_NOW_MAX_ELEMENTS
+    """Run the Function on ``[N, V]`` or ``[B, T, V]`` logits with unit stride along V; returns
+    ``(loss, CGGRInfo or None)`` with flat per-row info."""
+    grad_now = (torch.is_grad_enabled() and logits.requires_grad and opts.reduction != "none"
+                and not opts.inplace_backward and logits.numel() <= _GRAD_NOW_MAX_ELEMENTS
                 and not torch.compiler.is_compiling())  # a traced graph schedules the work itself
     call = Call(backend, ratio, opts, seq_shape, reference_loss, with_info, sink, grad_now=grad_now)
-    outputs = CGGRCrossEntropyFunction.apply(logits3d, targets_flat, call)
+    outputs = CGGRCrossEntropyFunction.apply(logits, targets_flat, call)
     return _unpack(outputs, with_info)
 
 
