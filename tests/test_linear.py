@@ -261,17 +261,18 @@ def test_no_gradient_formed_without_autograd(monkeypatch, ratio, chunk_size):
     torch.testing.assert_close((h.grad, w.grad), first)
 
 
-def test_float32_weight_gradient_takes_twice_the_chunk(monkeypatch):
-    """A weight gradient summed in float32 (fp32_grad_accumulation, or a float32 weight under
-    autocast) costs twice the bytes per chunk: its default chunk holds twice the rows."""
+def test_default_chunk(monkeypatch):
+    """The default chunk holds about _LINEAR_CHUNK_ELEMENTS logits, in whole 128-row tiles from
+    128 rows on, whatever the weight gradient's dtype; chunk_size overrides it."""
     from cggr import functional
 
-    vocab = 1000
-    assert abs(functional._default_chunk_rows(vocab, "fp32") - 2 * functional._default_chunk_rows(vocab)) <= 128
+    assert functional._default_chunk_rows(151936) == 3584
+    assert functional._default_chunk_rows(1 << 30) == 1
     seen = []
     original = autograd.CGGRLinearCrossEntropyFunction.apply
     monkeypatch.setattr(autograd.CGGRLinearCrossEntropyFunction, "apply",
                         lambda *args: seen.append(args[-1].plan.chunk_rows) or original(*args))
+    vocab = 1000
     monkeypatch.setattr(functional, "_LINEAR_CHUNK_ELEMENTS", 16 * vocab)  # 16 rows a chunk by default
     hidden = torch.randn(100, 8, requires_grad=True)
     weight = torch.randn(vocab, 8, requires_grad=True)
@@ -281,7 +282,8 @@ def test_float32_weight_gradient_takes_twice_the_chunk(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = cggr_linear_cross_entropy(hidden, weight, targets, 0.5)
     loss.backward()
-    assert seen == [16, 32, 32]
+    cggr_linear_cross_entropy(hidden, weight, targets, 0.5, chunk_size=7).backward()
+    assert seen == [16, 16, 16, 7]
 
 
 @pytest.mark.parametrize("ratio,chunk_size", [(0.5, 16), (1.0, 16), (0.5, None)])

@@ -55,7 +55,6 @@ def main():
         for (ratio, factor), values in times.items():
             print(f"{n} x {h} -> {v} ratio {ratio:<4} chunk {base * factor:>5} rows: "
                   + " ".join(f"{t:7.2f}" for t in values) + f" ms  peak +{peaks[(ratio, factor)]:.2f} GB")
-        del hidden, weight, targets, cases
         torch.cuda.empty_cache()
 
 

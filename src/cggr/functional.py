@@ -19,14 +19,13 @@ __all__ = ["cggr_cross_entropy", "cggr_linear_cross_entropy", "reference_token_l
 LossOrLossAndInfo = Union[torch.Tensor, Tuple[torch.Tensor, CGGRInfo]]
 Ratio = Union[float, torch.Tensor, Curriculum]
 
-# Rows per chunk of the linear path: about 2**27 logits (256 MiB in bf16) alive at once, in a
+# Rows per chunk of the linear path: about 2**29 logits (1 GiB in bf16) alive at once, in a
 # whole number of the matmuls' 128-row tiles. Smaller chunks cost time: each adds a read and a
-# write of the whole weight gradient, and fewer rows per launch leave the statistics kernel
-# short of bandwidth. A weight gradient summed in float32 (autocast with a float32 weight, or
-# fp32_grad_accumulation) costs twice that per chunk, so its chunks are twice as large: same
-# weight-gradient traffic per row (H200, 8192 x 4096 -> 128,256 at ratio 1 under autocast:
-# 11% slower than bf16 tensors with 2**27, 2% with 2**28).
-_LINEAR_CHUNK_ELEMENTS = 1 << 27
+# write of the whole weight gradient (twice the bytes when it is summed in float32), and fewer
+# rows per launch leave the matmuls and the statistics kernel less efficient (H200, ratio 1,
+# 16384 x 896 -> 151,936: 2**27 logits a chunk 27.6-29.3 ms, 2**28 26.0-28.1, 2**29 24.6-26.1,
+# for 0.54, 0.79 and 1.30 GB of extra memory; bench/probes/NOTES.md, step 34).
+_LINEAR_CHUNK_ELEMENTS = 1 << 29
 # A head of at most this many multiply-adds (N * H * V) whose logits fit one chunk is formed whole,
 # its gradients in the forward: recomputing the kept rows in the backward would save at most
 # 2**37 FLOPs (about 0.2 ms on a current GPU) for more host time than that (launches, Python,
@@ -130,8 +129,7 @@ def cggr_linear_cross_entropy(
             three are cast to the autocast dtype first, as ``F.linear`` does, and the gradients
             come back in each input's own dtype (a float32 weight's summed in float32).
         chunk_size: rows of logits computed at once (bounds peak memory); default about
-            2**27 / V rows (2**28 / V when the weight gradient is summed in float32), in whole
-            128-row tiles.
+            2**29 / V rows (1 GiB of bf16 logits), in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
         weight_grad_in_place: if ``weight.grad`` exists when the loss is called, add the weight
             gradient straight into it instead of handing autograd a new ``[V, H]`` tensor;
@@ -276,7 +274,9 @@ def _weight_grad_mode(weight: torch.Tensor, fp32_grad_accumulation: bool, weight
 
 def _options(backend: str, **options) -> LossOptions:
     check.check_choice("backend", backend, check.BACKENDS)
-    if options["process_group"] is not None:  # its check reads torch.distributed's state: not cached
+    # A process group's check reads torch.distributed's state: not cached; torch.compile traces
+    # the check itself (it would warn about tracing through a cache).
+    if options["process_group"] is not None or torch.compiler.is_compiling():
         return check.make_options(**options)
     # The same options on every call of a training loop: checked once. The key holds each
     # value's type, so that e.g. label_smoothing=False is checked (and refused) even after 0.0.
@@ -355,7 +355,7 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
                                                             reference_loss)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     n_rows = hidden2d.shape[0]
-    chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size, weight_grad), max(n_rows, 1))
+    chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size), max(n_rows, 1))
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
     plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
@@ -370,11 +370,9 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     return _finish(loss, info, targets.shape, opts, return_info)
 
 
-def _default_chunk_rows(vocab_size: int, weight_grad: str = "native") -> int:
-    """About ``_LINEAR_CHUNK_ELEMENTS / vocab_size`` rows (twice that for a float32 weight gradient),
-    to the nearest multiple of 128 if at least 128."""
-    elements = _LINEAR_CHUNK_ELEMENTS * (2 if weight_grad == "fp32" else 1)
-    rows = max(1, elements // vocab_size)
+def _default_chunk_rows(vocab_size: int) -> int:
+    """About ``_LINEAR_CHUNK_ELEMENTS / vocab_size`` rows, to the nearest multiple of 128 if at least 128."""
+    rows = max(1, _LINEAR_CHUNK_ELEMENTS // vocab_size)
     return rows if rows < 128 else (rows + 64) // 128 * 128
 
 

@@ -27,6 +27,10 @@ def get_backend(name: str, device: torch.device):
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
     try:
+        if torch.compiler.is_compiling():  # traced as an import, not through the cache
+            from . import triton_backend
+
+            return triton_backend
         return _triton_backend()
     except ImportError as error:  # triton is optional off Linux x86-64
         if name == "auto":
