@@ -299,15 +299,20 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value", [1.0, 2.5])
-def test_scaling_by_a_device_scalar(dtype, value):
-    """mul_ and add_mul_ of the Triton backend (a kernel over blocks, the last one partial)
-    against the reference; a strided tensor takes the PyTorch path."""
+@pytest.mark.parametrize("programs", [None, 3])
+def test_scaling_by_a_device_scalar(dtype, value, programs, monkeypatch):
+    """mul_ and add_mul_ of the Triton backend (a kernel over blocks, the last one partial; with
+    ``programs``, fewer programs than blocks, each walking several) against the reference; a
+    strided tensor takes the PyTorch path."""
     from cggr.ops import reference, triton_backend
+
+    if programs is not None:
+        monkeypatch.setattr(triton_backend, "_scale_programs", lambda n_blocks, out: min(n_blocks, programs))
 
     g = torch.Generator().manual_seed(12)
     scale = torch.tensor(value)
-    x = torch.randn(3, 5000, generator=g).to(dtype)
-    out = torch.randn(3, 5000, generator=g).to(dtype)
+    x = torch.randn(3, 9000, generator=g).to(dtype)  # 7 blocks of 4096, the last partial
+    out = torch.randn(3, 9000, generator=g).to(dtype)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
     for backend in (triton_backend, reference):
         torch.testing.assert_close(backend.mul_(x.clone(), scale), (value * x.float()).to(dtype), **tol)

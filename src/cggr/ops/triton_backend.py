@@ -309,6 +309,7 @@ def logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=None, out=Non
 
 
 _SCALE_BLOCK = 4096
+_SCALE_PROGRAMS_PER_SM = 8
 
 
 def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, accumulate: bool) -> bool:
@@ -320,9 +321,17 @@ def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, acc
     n = out.numel()
     if n:
         with _device_guard(out):
-            launch(scale_kernel, -(-n // _SCALE_BLOCK), out, src, scale, n, BLOCK=_SCALE_BLOCK,
-                   ACCUMULATE=accumulate, num_warps=4)
+            launch(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), out, src, scale, n,
+                   BLOCK=_SCALE_BLOCK, ACCUMULATE=accumulate, num_warps=4)
     return True
+
+
+def _scale_programs(n_blocks: int, out: torch.Tensor) -> int:
+    """Programs of the scaling kernel: a few per SM on CUDA (enough to stream the blocks, few to
+    start when the scale is 1 and they return at once); one a block in the interpreter."""
+    if not out.is_cuda:
+        return n_blocks
+    return min(n_blocks, _SCALE_PROGRAMS_PER_SM * _sm_count(out.device.index))
 
 
 def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -753,14 +753,18 @@ def select_importance_kernel(
 
 @triton.jit
 def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """``out += scale * src`` (ACCUMULATE) or ``out = scale * src``, ``scale`` read from memory.
-    The second form with ``src`` = ``out`` and a scale of 1 stores nothing. (PyTorch's own
-    multiply by a 0-d tensor takes a strided path: about 2.5 times the copy time.)"""
+    """``out += scale * src`` (ACCUMULATE) or ``out = scale * src``, ``scale`` read from memory;
+    each program walks every ``num_programs``-th block. The second form with ``src`` = ``out`` and
+    a scale of 1 stores nothing, and with few programs costs next to nothing (autograd's usual
+    upstream gradient). (PyTorch's own multiply by a 0-d tensor takes a strided path: about 2.5
+    times the copy time.)"""
     scale = tl.load(scale_ptr).to(tl.float32)
     if ACCUMULATE or scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < n_elements
-        value = scale * tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-        if ACCUMULATE:
-            value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
+            offs = start + tl.arange(0, BLOCK)
+            in_range = offs < n_elements
+            value = scale * tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+            if ACCUMULATE:
+                value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
