@@ -147,15 +147,15 @@ class CGGRLoss(nn.Module):
         opts = self.opts
         backend, seq_shape, flat_targets, reference_loss = prepare(
             logits, targets, logits.shape[-1], opts, self.backend, self.check_targets, reference_loss)
-        rows_3d = rows3d(as_rows(logits))  # unit stride along V, as the statistics kernel reads it
+        logits3d = rows3d(as_rows(logits))  # unit stride along V, as the statistics kernel reads it
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
-            stats = backend.row_stats(rows_3d.detach(), flat_targets, valid, opts, reference_loss)
+            stats = backend.row_stats(logits3d.detach(), flat_targets, valid, opts, reference_loss)
             reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape)
         info = build_info(stats, reduced)
         base = self.base_ratio()
         bound = dynamic_ratio_range(base, self.threshold_sensitivity)[1] if self.dynamic_threshold else base
-        rows = rows_3d.reshape(-1, logits.shape[-1])
+        rows = logits3d.reshape(-1, logits.shape[-1])
         n_rows = rows.shape[0]
         index = selected_first(info.mask, max_selected_rows(bound, opts, n_rows, seq_shape))
         kept = info.mask.index_select(0, index)
