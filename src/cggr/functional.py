@@ -129,7 +129,7 @@ def cggr_linear_cross_entropy(
             three are cast to the autocast dtype first, as ``F.linear`` does, and the gradients
             come back in each input's own dtype (a float32 weight's summed in float32).
         chunk_size: rows of logits computed at once (bounds peak memory); default about
-            2**29 / V rows (1 GiB of bf16 logits), in whole 128-row tiles.
+            2**29 / V rows (1 GiB of bf16 logits, 2 GiB of float32), in whole 128-row tiles.
         fp32_grad_accumulation: accumulate ``weight``/``bias`` gradients over chunks in float32.
         weight_grad_in_place: if ``weight.grad`` exists when the loss is called, add the weight
             gradient straight into it instead of handing autograd a new ``[V, H]`` tensor;
