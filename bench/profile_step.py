@@ -48,15 +48,20 @@ def host_ms(step, calls=200, warmup=10):
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def kernel_profile(step, calls=5):
-    """(GPU kernel ms per call, kernels per call, [(name, ms per call)] costliest first)."""
+def cuda_kernels(step, calls=5):
+    """The profiler's averaged GPU kernel events over ``calls`` calls of ``step`` (after one more)."""
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_profile(step, calls=5):
+    """(GPU kernel ms per call, kernels per call, [(name, ms per call)] costliest first)."""
+    kernels = cuda_kernels(step, calls)
     total = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
     count = sum(e.count for e in kernels) / calls
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]

@@ -16,22 +16,18 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.functional import _default_chunk_rows, cggr_linear_cross_entropy  # noqa: E402
+from profile_step import cuda_kernels  # noqa: E402
 
 SHAPES = [(16384, 896, 151936), (8192, 4096, 128256)]
 
 
 def kernel_ms(step, calls=5):
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
+    """GPU ms per call of each kernel name."""
     per_kernel = collections.Counter()
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.key[:90]] += event.self_device_time_total / 1e3 / calls
+    for event in cuda_kernels(step, calls):
+        per_kernel[event.key[:90]] += event.self_device_time_total / 1e3 / calls
     return per_kernel
 
 

@@ -6,7 +6,6 @@ autograd glue in :mod:`cggr.ops.autograd`.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,10 +26,6 @@ def get_backend(name: str, device: torch.device):
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
     try:
-        if torch.compiler.is_compiling():  # traced as an import, not through the cache
-            from . import triton_backend
-
-            return triton_backend
         return _triton_backend()
     except ImportError as error:  # triton is optional off Linux x86-64
         if name == "auto":
@@ -39,9 +34,15 @@ def get_backend(name: str, device: torch.device):
         raise ValueError(f"backend='triton' needs the triton package: {error}") from error
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_backend():
-    """The Triton backend module, imported on first use (an import statement costs host time per call)."""
-    from . import triton_backend
+_TRITON_BACKEND = None
 
-    return triton_backend
+
+def _triton_backend():
+    """The Triton backend module, imported on first use and kept (an import statement costs host
+    time per call; a plain global, which torch.compile traces as it is, unlike a cache wrapper)."""
+    global _TRITON_BACKEND
+    if _TRITON_BACKEND is None:
+        from . import triton_backend
+
+        _TRITON_BACKEND = triton_backend
+    return _TRITON_BACKEND
