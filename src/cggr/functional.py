@@ -281,14 +281,14 @@ def _options(backend: str, **options) -> LossOptions:
     # The same options on every call of a training loop: checked once. The key holds each
     # value's type, so that e.g. label_smoothing=False is checked (and refused) even after 0.0.
     try:
-        return _checked_options(tuple((name, type(value), value) for name, value in options.items()))
+        return _checked_options((*options.items(), *map(type, options.values())))
     except TypeError:  # an unhashable value: checked without the cache
         return check.make_options(**options)
 
 
 @functools.lru_cache(maxsize=64)
 def _checked_options(key: tuple) -> LossOptions:
-    return check.make_options(**{name: value for name, _, value in key})
+    return check.make_options(**dict(key[:len(key) // 2]))
 
 
 def _check_same(tensor: torch.Tensor, hidden: torch.Tensor, name: str, cast: Optional[torch.dtype] = None) -> None:

@@ -9,46 +9,79 @@ epilogues; the tests hold them to these.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 SCORINGS = ("entropy", "margin", "loss", "combined", "gradnorm", "excess")
 
 
-class RowStats(NamedTuple):
+class _Column:
+    """A :class:`RowStats` field of a statistics block: a view of the block's column, made on
+    first access (a call needs only two or three of the nine; each view costs host time)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, stats, owner=None):
+        if stats is None:
+            return self
+        value = stats.block[:, self.index]
+        stats.__dict__[self.name] = value  # shadows this descriptor from now on
+        return value
+
+
+class RowStats:
     """One value per row, float32 (float64 for float64 logits), 0 on invalid rows.
 
     A row holding NaN or +inf has every field NaN. ``score`` and ``loss`` depend on the
     options (scoring, label smoothing, z-loss); :func:`with_score_and_loss` defines them.
+    Built from the fields (``RowStats(lse, target_logit, ...)``) or from an ``[N, 9]`` block of
+    them (:meth:`from_columns`), whose columns become fields when first read.
     """
 
-    lse: torch.Tensor  # logsumexp(x)
-    target_logit: torch.Tensor  # x[y]
-    entropy: torch.Tensor  # H = -sum p log p, nats
-    max_prob: torch.Tensor  # p1
-    second_prob: torch.Tensor  # p2 (== p1 when the maximum is shared)
-    sum_sq_other_prob: torch.Tensor  # sum over j != y of p_j^2 (gradnorm without cancellation)
-    sum_logits: torch.Tensor  # sum x
-    score: torch.Tensor  # difficulty, see difficulty()
-    loss: torch.Tensor  # per-row loss l_i, see row_loss()
+    _fields = ("lse", "target_logit", "entropy", "max_prob", "second_prob", "sum_sq_other_prob", "sum_logits",
+               "score", "loss")
+    lse = _Column(0)  # logsumexp(x)
+    target_logit = _Column(1)  # x[y]
+    entropy = _Column(2)  # H = -sum p log p, nats
+    max_prob = _Column(3)  # p1
+    second_prob = _Column(4)  # p2 (== p1 when the maximum is shared)
+    sum_sq_other_prob = _Column(5)  # sum over j != y of p_j^2 (gradnorm without cancellation)
+    sum_logits = _Column(6)  # sum x
+    score = _Column(7)  # difficulty, see difficulty()
+    loss = _Column(8)  # per-row loss l_i, see row_loss()
+
+    def __init__(self, *values: torch.Tensor, **named: torch.Tensor):
+        fields = dict(zip(self._fields, values), **named)
+        if len(values) > len(self._fields) or set(fields) != set(self._fields):
+            raise TypeError(f"RowStats needs exactly the fields {self._fields}")
+        self.__dict__.update(fields)
+        self.block = None  # no [N, 9] block: the fields are separate tensors
 
     @classmethod
     def from_columns(cls, columns: torch.Tensor) -> "RowStats":
-        """Split an ``[N, 9]`` tensor (fields in declaration order) into a RowStats."""
-        return cls(*columns.unbind(dim=1))
+        """The statistics held by an ``[N, 9]`` tensor (fields in declaration order)."""
+        stats = cls.__new__(cls)
+        stats.block = columns
+        return stats
+
+    def __iter__(self):
+        return (getattr(self, name) for name in self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def _replace(self, **changes: torch.Tensor) -> "RowStats":
+        return RowStats(**{name: changes.get(name, getattr(self, name)) for name in self._fields})
 
     def columns(self) -> torch.Tensor:
-        """The ``[N, 9]`` tensor of the fields: the block they are views of where they are
-        (the Triton backend's, in eager mode: torch.compile cannot compare pointers), else a
+        """The ``[N, 9]`` tensor of the fields: the block itself where there is one, else a
         stacked copy."""
-        base = self.lse
-        width = len(self)
-        if not torch.compiler.is_compiling() and base.stride(0) == width and all(
-                field.stride() == base.stride() and field.dtype == base.dtype
-                and field.data_ptr() == base.data_ptr() + i * base.element_size() for i, field in enumerate(self)):
-            return base.as_strided((base.shape[0], width), (width, 1))
-        return torch.stack(tuple(self), 1)
+        return self.block if self.block is not None else torch.stack(tuple(self), 1)
 
 
 def transform_logits(x: torch.Tensor, logit_scale: float, logit_softcap) -> torch.Tensor:

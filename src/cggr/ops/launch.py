@@ -1,12 +1,14 @@
 """Launching Triton kernels for less host time than ``kernel[grid](...)``.
 
-``kernel[grid](...)`` binds and specialises every argument in Python on each call: about
-20 µs of host time a launch, more than the GPU spends on a small batch. :func:`launch` keeps
-each compiled kernel under a key holding everything Triton specialises on here (each tensor's
-dtype and 16-byte alignment; each integer's equality to 1, divisibility by 16 and 32-bit range;
-the constexprs, ``num_warps``, ``maxnreg`` and the device) and later calls its launcher
-directly, the way torch.compile's generated code does. The first call of a key, the interpreter and untested
-Triton versions take the ordinary path.
+``kernel[grid](...)`` binds and specialises every argument in Python on each call, and Triton
+3.6 then builds launch metadata and calls its (empty) launch hooks: about 20 µs of host time a
+launch, more than the GPU spends on a small batch. :func:`launch` keeps each compiled kernel
+under a key holding everything Triton specialises on here (each tensor's dtype and 16-byte
+alignment; each integer's equality to 1, divisibility by 16 and 32-bit range; the
+constexprs, ``num_warps``, ``maxnreg`` and the device) and later calls its compiled launcher
+directly, the way torch.compile's generated code does, skipping the hooks while none is
+installed (a profiler that installs one sees every launch). The first call of a key, the
+interpreter and untested Triton versions take the ordinary path.
 """
 from __future__ import annotations
 
@@ -17,20 +19,33 @@ import triton
 from triton import knobs
 from triton.runtime import driver
 
-# CompiledKernel.run's signature is internal to Triton: only use it where it was tested.
+# The compiled launcher's signature is internal to Triton: only use it where it was tested.
 _DIRECT = triton.__version__.split(".")[:2] == ["3", "6"]
-_INT32 = (-(1 << 31), 1 << 31)
 _compiled: Dict[tuple, Any] = {}
+_Tensor = torch.Tensor
 
 
-def _specialisation(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if type(arg) is int:
-        return arg == 1, arg % 16 == 0, _INT32[0] <= arg < _INT32[1]
-    if type(arg) is float:
-        return float
-    return arg  # bool, None, a dtype: by value
+class _Launcher:
+    """A compiled kernel and what calling its launcher needs besides the arguments."""
+
+    def __init__(self, compiled, n_args: int, constexprs: dict, kernel):
+        self.compiled = compiled
+        run = compiled.run
+        # The C launch function itself where Triton's wrapper would only allocate nothing.
+        self.bare = (run.launch if getattr(run, "global_scratch_size", 1) == 0
+                     and getattr(run, "profile_scratch_size", 1) == 0 else None)
+        self.head = (compiled.function, getattr(run, "launch_cooperative_grid", False),
+                     getattr(run, "launch_pdl", False), None, None, compiled.packed_metadata, None, None, None)
+        # Every parameter in declaration order; the launcher skips the constexpr ones.
+        self.tail = tuple(constexprs[name] for name in kernel.arg_names[n_args:])
+
+
+def _key(kernel, device, num_warps, maxnreg, constexprs: dict, args) -> tuple:
+    return (kernel, device, num_warps, maxnreg, *constexprs.items(), *[
+        (a.dtype, a.data_ptr() % 16 == 0) if type(a) is _Tensor
+        else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648) if type(a) is int
+        else float if type(a) is float else a  # bool, None, a dtype: by value
+        for a in args])
 
 
 def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: Optional[int] = None,
@@ -44,15 +59,20 @@ def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: O
     if not _DIRECT or not isinstance(kernel, triton.runtime.JITFunction):  # the interpreter
         kernel[(grid,)](*args, **constexprs, **options)
         return
-    device = driver.active.get_current_device()
-    key = (kernel, device, num_warps, maxnreg, *constexprs.items(), *map(_specialisation, args))
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _compiled[key] = kernel[(grid,)](*args, **constexprs, **options)
+    device = torch.cuda.current_device()
+    key = _key(kernel, device, num_warps, maxnreg, constexprs, args)
+    launcher = _compiled.get(key)
+    if launcher is None:
+        _compiled[key] = _Launcher(kernel[(grid,)](*args, **constexprs, **options), len(args), constexprs, kernel)
         return
-    # Every parameter in declaration order; the launcher skips the constexpr ones.
-    params = (*args, *(constexprs[name] for name in kernel.arg_names[len(args):]))
     stream = driver.active.get_current_stream(device)
-    compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata((grid, 1, 1), stream, *params),
-                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
+    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    hooked = (enter_hook is not None and getattr(enter_hook, "calls", True)) or (
+        exit_hook is not None and getattr(exit_hook, "calls", True))
+    compiled = launcher.compiled
+    if launcher.bare is None or hooked:
+        params = (*args, *launcher.tail)
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata((grid, 1, 1), stream, *params), enter_hook, exit_hook, *params)
+        return
+    launcher.bare(grid, 1, 1, stream, *launcher.head, *args, *launcher.tail)

@@ -69,21 +69,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _stats_kind(logits: torch.Tensor, n_rows: int, need_sum_sq: bool) -> str:
-    if logits.is_cuda and n_rows < _FEW_ROWS_PER_SM * _sm_count(logits.device.index):
-        return "stats_few"
-    return "stats_sum_sq" if need_sum_sq else "stats"
+def _few_rows(logits: torch.Tensor, n_rows: int) -> bool:
+    """Whether the statistics kernel has too few rows to fill the GPU with one warp a row."""
+    index = logits.get_device()
+    return index >= 0 and n_rows < _FEW_ROWS_PER_SM * _sm_count(index)
 
 
 def _acc_dtype(dtype: torch.dtype):
     return triton.language.float64 if dtype == torch.float64 else triton.language.float32
 
 
+_SAME_DEVICE = contextlib.nullcontext()  # reusable
+
+
 def _device_guard(tensor: torch.Tensor):
     """Triton launches on the current device: make it the tensor's."""
-    if not tensor.is_cuda or tensor.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(tensor.device)
+    index = tensor.get_device()  # -1 on the CPU
+    if index < 0 or index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(index)
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,10 +101,28 @@ def _hi_lo(value: float):
     return hi, (value - hi if math.isfinite(hi) else 0.0)
 
 
-def _transform_args(logit_scale: float, logit_softcap: Optional[float]):
-    """(TRANSFORM code, the four float arguments) of a logit scale and softcap (0 = no cap)."""
-    code = 2 if logit_softcap else (1 if logit_scale != 1.0 else 0)
-    return code, (*_hi_lo(logit_scale), *_hi_lo(logit_softcap or 1.0))
+@functools.lru_cache(maxsize=256)
+def _float_args(label_smoothing: float, z_loss: float, logit_scale: float, logit_softcap: float):
+    """(TRANSFORM code, the eight float arguments of the row kernels): label smoothing, z-loss,
+    logit scale and softcap (0 = no cap) as (hi, lo) pairs."""
+    transform = 2 if logit_softcap else (1 if logit_scale != 1.0 else 0)
+    return transform, (*_hi_lo(label_smoothing), *_hi_lo(z_loss), *_hi_lo(logit_scale), *_hi_lo(logit_softcap or 1.0))
+
+
+@functools.lru_cache(maxsize=256)
+def _stats_constants(config_of, vocab_size: int, few_rows: bool, dtype: torch.dtype, scoring: str,
+                     need_entropy: bool, align: int, vector_reads: bool, transform: int) -> dict:
+    """The statistics kernel's constexprs and launch options, once per setting (host time
+    counts). ``config_of`` is :func:`launch_config` (part of the key, so that tests can swap it)."""
+    need_second, need_sum_sq, scoring_entropy = scoring_reads(scoring)
+    config = config_of(vocab_size, "stats_few" if few_rows else ("stats_sum_sq" if need_sum_sq else "stats"))
+    fold = _fold_width(dtype.itemsize, config, vector_reads)
+    if (need_sum_sq and _SUM_SQ_MAX_REGISTERS and align == 1 and fold > 1 and transform < 2
+            and dtype.itemsize == 2 and not _INTERPRETING):  # rows aligned as they are, no softcap
+        config["maxnreg"] = _SUM_SQ_MAX_REGISTERS
+    return dict(ACC_DTYPE=_acc_dtype(dtype), SCORING=SCORINGS.index(scoring), NEED_SECOND=need_second,
+                NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS, FOLD=fold, ALIGN=align, TRANSFORM=transform,
+                NEED_ENTROPY=need_entropy or scoring_entropy, **config)
 
 
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, reference_loss: Optional[torch.Tensor],
@@ -111,24 +133,19 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return stats
-    need_second, need_sum_sq, scoring_entropy = scoring_reads(scoring)
-    config = launch_config(vocab_size, _stats_kind(logits, n_rows, need_sum_sq))
-    align, (rows,), offset = _row_layout(config, logits)
-    transform, transform_args = _transform_args(logit_scale, logit_softcap)
-    fold = _fold_width(rows, config, align)
-    if (need_sum_sq and _SUM_SQ_MAX_REGISTERS and align == 1 and fold > 1 and transform < 2
-            and logits.element_size() == 2 and not _INTERPRETING):  # rows aligned as they are, no softcap
-        config["maxnreg"] = _SUM_SQ_MAX_REGISTERS
+    if _rows_aligned(logits):  # the common case, decided first: host time counts
+        align, rows, offset, vector_reads = 1, logits, 0, True
+    else:
+        # The layout reads only whether a block holds a 16-byte vector: the same for every kind.
+        align, (rows,), offset = _row_layout(launch_config(vocab_size, "stats"), logits)
+        vector_reads = align > 1
+    transform, float_args = _float_args(label_smoothing, z_loss, logit_scale, logit_softcap)
+    constants = _stats_constants(launch_config, vocab_size, _few_rows(logits, n_rows), logits.dtype, scoring,
+                                 need_entropy, align, vector_reads, transform)
     with _device_guard(logits):
-        launch(
-            row_stats_kernel, n_rows,
-            rows, targets, valid, valid if reference_loss is None else reference_loss, stats, seq_len,
-            logits.stride(0), logits.stride(1), offset, vocab_size, *_hi_lo(label_smoothing), *_hi_lo(z_loss),
-            *transform_args,
-            ACC_DTYPE=_acc_dtype(logits.dtype), SCORING=SCORINGS.index(scoring),
-            NEED_SECOND=need_second, NEED_SUM_SQ=need_sum_sq, STATS_WIDTH=_N_STATS,
-            FOLD=fold, ALIGN=align, TRANSFORM=transform, NEED_ENTROPY=need_entropy or scoring_entropy, **config,
-        )
+        launch(row_stats_kernel, n_rows,
+               rows, targets, valid, valid if reference_loss is None else reference_loss, stats, seq_len,
+               logits.stride(0), logits.stride(1), offset, vocab_size, *float_args, **constants)
     return stats
 
 
@@ -171,16 +188,16 @@ def _row_layout(config: dict, *rows: torch.Tensor):
     return align, tuple(r.as_strided(r.shape, r.stride(), r.storage_offset() - offset) for r in rows), offset
 
 
-def _fold_width(logits: torch.Tensor, config: dict, align: int) -> int:
+def _fold_width(element_size: int, config: dict, vector_reads: bool) -> int:
     """How many adjacent lanes the statistics kernel sums into one accumulator: the elements
     of one 16-byte load. Triton vectorises the loads only when it can prove them 16-byte
-    aligned (rows aligned, or shifted to alignment: ``align`` > 1); otherwise each thread's
+    aligned (``vector_reads``: rows aligned, or shifted to alignment); otherwise each thread's
     elements are strided and folding would cost shuffles, so 1."""
-    if not (align > 1 or _rows_aligned(logits)):
+    if not vector_reads:
         return 1
     # The interpreter has no threads: any fold works.
     per_thread = config["BLOCK_V"] if _INTERPRETING else config["BLOCK_V"] // (32 * config["num_warps"])
-    return max(1, min(16 // logits.element_size(), per_thread))
+    return max(1, min(16 // element_size, per_thread))
 
 
 @torch.library.custom_op("cggr::row_stats", mutates_args=())
@@ -206,23 +223,26 @@ def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss
     if batch * seq_len == 0:
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
-    config = launch_config(n_cols, "grad")
-    align, (rows, grad_rows), offset = _row_layout(config, logits, grad)
-    transform, transform_args = _transform_args(logit_scale, logit_softcap)
+    if _rows_aligned(logits) and _rows_aligned(grad):  # the common case, decided first: host time counts
+        align, rows, grad_rows, offset = 1, logits, grad, 0
+    else:
+        align, (rows, grad_rows), offset = _row_layout(launch_config(n_cols, "grad"), logits, grad)
+    transform, float_args = _float_args(label_smoothing, z_loss, logit_scale, logit_softcap)
+    scale_mode = 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
+    constants = _grad_constants(launch_config, n_cols, logits.dtype, scale_mode, align, transform)
     with _device_guard(logits):
-        launch(
-            logits_grad_kernel, batch * seq_len,
-            rows, grad_rows, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
-            grad.stride(0), grad.stride(1), offset, lse.stride(0), n_cols, vocab_size or n_cols,
-            *_hi_lo(label_smoothing), *_hi_lo(z_loss), *transform_args,
-            ACC_DTYPE=_acc_dtype(logits.dtype), SCALE_MODE=_scale_mode(grad_scale), ALIGN=align,
-            TRANSFORM=transform, **config,
-        )
+        launch(logits_grad_kernel, batch * seq_len,
+               rows, grad_rows, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
+               grad.stride(0), grad.stride(1), offset, lse.stride(0), n_cols, vocab_size or n_cols, *float_args,
+               **constants)
 
 
-def _scale_mode(grad_scale: Optional[torch.Tensor]) -> int:
-    """0: no upstream gradient (1), 1: one value, 2: one per row."""
-    return 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
+@functools.lru_cache(maxsize=256)
+def _grad_constants(config_of, n_cols: int, dtype: torch.dtype, scale_mode: int, align: int, transform: int) -> dict:
+    """The gradient kernel's constexprs and launch options (see :func:`_stats_constants`).
+    SCALE_MODE 0: no upstream gradient (1), 1: one value, 2: one per row."""
+    return dict(ACC_DTYPE=_acc_dtype(dtype), SCALE_MODE=scale_mode, ALIGN=align, TRANSFORM=transform,
+                **config_of(n_cols, "grad"))
 
 
 def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -290,7 +310,8 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
 
 def logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=None, out=None, vocab_size=None):
     """See :func:`cggr.ops.reference.logits_grad`."""
-    coef = coef.to(lse.dtype).contiguous()  # lse may be strided (a column of the statistics)
+    if coef.dtype != lse.dtype or not coef.is_contiguous():  # lse may be strided (a column of the statistics)
+        coef = coef.to(lse.dtype).contiguous()
     if grad_scale is not None:
         grad_scale = grad_scale.contiguous()
     args = (opts.label_smoothing, opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0, grad_scale, vocab_size)
@@ -363,13 +384,16 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
     which fuses the PyTorch ops itself)."""
     if opts.selection == "sequence_aware" and seq_shape is None:
         return None
-    base = stats.lse
-    n_rows = base.numel()
-    if base.dtype != torch.float32 or torch.compiler.is_compiling() or n_rows == 0 or base.stride(0) != _N_STATS:
+    base = stats.block  # the kernels read the [N, 9] statistics as one contiguous block
+    if base is None or base.dtype != torch.float32 or torch.compiler.is_compiling() or not base.is_contiguous():
         return None
-    for column, index in ((stats.score, _SCORE_COL), (stats.loss, _LOSS_COL)):  # in the same [N, 9] block as lse
-        if column.data_ptr() != base.data_ptr() + base.element_size() * index:
-            return None
+    n_rows = base.shape[0]
+    if n_rows == 0:
+        return None
+    from_ptr = isinstance(ratio, torch.Tensor)
+    constants = _select_constants(launch_config, opts.selection, n_rows, from_ptr, opts.reduction, opts.num_strata)
+    if constants is None:
+        return None
     device = base.device
     mask = torch.empty(n_rows, dtype=torch.bool, device=device)
     weight = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -377,37 +401,46 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
     loss = torch.empty((), dtype=torch.float32, device=device)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if opts.reduction == "none" else loss
     counts = torch.empty(2, dtype=torch.int64, device=device)
-    from_ptr = isinstance(ratio, torch.Tensor)
-    ratio_bits = 0 if from_ptr else _float_bits(ratio)
-    config = launch_config(n_rows, "select", block_name="CHUNK")
-    one_step = n_rows <= config["CHUNK"]
-    if opts.selection == "stratified" and not (one_step and opts.num_strata <= _MAX_FUSED_STRATA):
-        return None
-    common = dict(RATIO_FROM_PTR=from_ptr, REDUCTION=_REDUCTION_CODES[opts.reduction], STATS_WIDTH=_N_STATS,
-                  LOSS_COL=_LOSS_COL, **config)
     outputs = (mask, weight, coef, row_loss, loss, counts, n_rows)
     # Stand-ins for pointers a kernel does not read: ``counts`` for a float ratio, ``loss`` for
     # the per-row losses unless reduction is 'none'.
-    ratio_ptr = ratio.to(device=device, dtype=torch.float64) if from_ptr else counts
+    if from_ptr:
+        ratio_ptr, ratio_bits = ratio.to(device=device, dtype=torch.float64), 0
+    else:
+        ratio_ptr, ratio_bits = counts, _float_bits(ratio)
     with _device_guard(base):
         if opts.selection == "importance":
             u = torch.rand((), dtype=torch.float64, device=device, generator=opts.generator)
-            launch(select_importance_kernel, 1, base, valid, ratio_ptr, ratio_bits, u, *outputs,
-                   SCORE_COL=_SCORE_COL, ITERATIONS=_IMPORTANCE_ITERATIONS, ONE_STEP=one_step, **common)
+            launch(select_importance_kernel, 1, base, valid, ratio_ptr, ratio_bits, u, *outputs, **constants)
         elif opts.selection == "stratified":
             keys = random_keys(n_rows, device, opts.generator)
-            strata = 1 << max(opts.num_strata - 1, 0).bit_length()
             launch(select_stratified_kernel, 1, base, valid, keys, ratio_ptr, ratio_bits, *outputs, opts.num_strata,
-                   SCORE_COL=_SCORE_COL, STRATA=strata, **common)
+                   **constants)
         else:
             forced = valid  # read only for sequence_aware: each sequence's hardest rows, kept first
             if opts.selection == "sequence_aware":
                 forced = forced_rows(stats.score, valid, seq_shape, opts.min_tokens_per_sequence)
-            if opts.selection == "random":
-                keys, key_stride = random_keys(n_rows, device, opts.generator), 1
-            else:
-                keys, key_stride = stats.score, _N_STATS
-            launch(select_topk_kernel, 1, keys, base, valid, forced, ratio_ptr, ratio_bits, *outputs,
-                   KEY_STRIDE=key_stride, KEYS_ARE_SCORES=opts.selection != "random", ONE_STEP=one_step,
-                   FORCED=opts.selection == "sequence_aware", **common)
-    return mask, weight, coef, row_loss, counts[0], counts[1]
+            keys = random_keys(n_rows, device, opts.generator) if opts.selection == "random" else stats.score
+            launch(select_topk_kernel, 1, keys, base, valid, forced, ratio_ptr, ratio_bits, *outputs, **constants)
+    n_valid, n_selected = counts.unbind()
+    return mask, weight, coef, row_loss, n_valid, n_selected
+
+
+@functools.lru_cache(maxsize=256)
+def _select_constants(config_of, selection: str, n_rows: int, ratio_from_ptr: bool, reduction: str,
+                      num_strata: int) -> Optional[dict]:
+    """The selection kernel's constexprs and launch options (see :func:`_stats_constants`); None
+    where the kernel does not apply (``stratified`` over more rows than one block or more
+    strata than _MAX_FUSED_STRATA)."""
+    config = config_of(n_rows, "select", block_name="CHUNK")
+    one_step = n_rows <= config["CHUNK"]
+    common = dict(RATIO_FROM_PTR=ratio_from_ptr, REDUCTION=_REDUCTION_CODES[reduction], STATS_WIDTH=_N_STATS,
+                  LOSS_COL=_LOSS_COL, **config)
+    if selection == "importance":
+        return dict(SCORE_COL=_SCORE_COL, ITERATIONS=_IMPORTANCE_ITERATIONS, ONE_STEP=one_step, **common)
+    if selection == "stratified":
+        if not (one_step and num_strata <= _MAX_FUSED_STRATA):
+            return None
+        return dict(SCORE_COL=_SCORE_COL, STRATA=1 << max(num_strata - 1, 0).bit_length(), **common)
+    return dict(KEY_STRIDE=1 if selection == "random" else _N_STATS, KEYS_ARE_SCORES=selection != "random",
+                ONE_STEP=one_step, FORCED=selection == "sequence_aware", **common)
