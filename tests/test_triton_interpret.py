@@ -303,9 +303,9 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
 @pytest.mark.parametrize("value", [1.0, 2.5])
 @pytest.mark.parametrize("programs", [None, 3])
 def test_scaling_by_a_device_scalar(dtype, value, programs, monkeypatch):
-    """mul_ and add_mul_ of the Triton backend (a kernel over blocks, the last one partial; with
-    ``programs``, fewer programs than blocks, each walking several) against the reference; a
-    strided tensor takes the PyTorch path."""
+    """mul_, scaled and add_mul_ of the Triton backend (a kernel over blocks, the last one partial;
+    with ``programs``, fewer programs than blocks, each walking several) against the reference
+    (scaled leaves its input as it was, a scale of 1 too); a strided tensor takes the PyTorch path."""
     from cggr.ops import reference, triton_backend
 
     if programs is not None:
@@ -318,6 +318,9 @@ def test_scaling_by_a_device_scalar(dtype, value, programs, monkeypatch):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
     for backend in (triton_backend, reference):
         torch.testing.assert_close(backend.mul_(x.clone(), scale), (value * x.float()).to(dtype), **tol)
+        before = x.clone()
+        torch.testing.assert_close(backend.scaled(x, scale), (value * x.float()).to(dtype), **tol)
+        assert torch.equal(x, before)
         torch.testing.assert_close(backend.add_mul_(out.clone(), x, scale), (out + value * x.float()).to(dtype), **tol)
     strided = x.clone().t()
     torch.testing.assert_close(triton_backend.mul_(strided, scale), x.t() * value)

@@ -9,7 +9,8 @@ A backend is any object with
   vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where ``mask`` is False;
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
   the first of them.
-* ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor.
+* ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor;
+  ``scaled(tensor, scale)``: the same into a new tensor.
 * optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`.
 
 Per-row tensors (targets, validity, reference losses) are contiguous ``[B*T]`` vectors here;
@@ -26,7 +27,7 @@ import torch
 from ..core import LossOptions, RatioSpec, build_info, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
-from .reference import compute_dtype, scaled
+from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
 # Logits of at most this many elements (256 MiB in bf16) get their gradient in the forward: at
@@ -411,13 +412,13 @@ class _ScaledGradients(torch.autograd.Function):
     gradient, out of place, so that a second backward (retain_graph) gets them again."""
 
     @staticmethod
-    def forward(ctx, loss, formed, *inputs):
-        ctx.formed = formed
+    def forward(ctx, loss, backend, formed, *inputs):
+        ctx.backend, ctx.formed = backend, formed
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, *(None if g is None else scaled(g, grad_loss) for g in ctx.formed)
+        return None, None, None, *(None if g is None else ctx.backend.scaled(g, grad_loss) for g in ctx.formed)
 
 
 def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
@@ -441,7 +442,7 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
         grads.add(None, hidden2d, grad_logits)
         del grad_logits
         formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
-    loss = _ScaledGradients.apply(reduced.loss, formed, hidden2d, weight, bias)
+    loss = _ScaledGradients.apply(reduced.loss, backend, formed, hidden2d, weight, bias)
     if call.sink is not None:
         call.sink.append((stats, reduced))
     return loss, (build_info(stats, reduced) if call.with_info else None)

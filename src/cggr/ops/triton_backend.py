@@ -343,7 +343,7 @@ def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, acc
     if n:
         with _device_guard(out):
             launch(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), out, src, scale, n,
-                   BLOCK=_SCALE_BLOCK, ACCUMULATE=accumulate, num_warps=4)
+                   BLOCK=_SCALE_BLOCK, ACCUMULATE=accumulate, IN_PLACE=out is src, num_warps=4)
     return True
 
 
@@ -358,6 +358,12 @@ def _scale_programs(n_blocks: int, out: torch.Tensor) -> int:
 def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """See :func:`cggr.ops.reference.mul_`."""
     return tensor if _launch_scale(tensor, tensor, scale, False) else reference.mul_(tensor, scale)
+
+
+def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """See :func:`cggr.ops.reference.scaled`: one launch where the reference casts and multiplies."""
+    out = torch.empty_like(tensor)
+    return out if _launch_scale(out, tensor, scale, False) else reference.scaled(tensor, scale)
 
 
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

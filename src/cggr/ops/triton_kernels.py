@@ -752,14 +752,15 @@ def select_importance_kernel(
 
 
 @triton.jit
-def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 IN_PLACE: tl.constexpr):
     """``out += scale * src`` (ACCUMULATE) or ``out = scale * src``, ``scale`` read from memory;
-    each program walks every ``num_programs``-th block. The second form with ``src`` = ``out`` and
-    a scale of 1 stores nothing, and with few programs costs next to nothing (autograd's usual
-    upstream gradient). (PyTorch's own multiply by a 0-d tensor takes a strided path: about 2.5
-    times the copy time.)"""
+    each program walks every ``num_programs``-th block. The second form in place (IN_PLACE: ``src``
+    is ``out``) with a scale of 1 stores nothing, and with few programs costs next to nothing
+    (autograd's usual upstream gradient). (PyTorch's own multiply by a 0-d tensor takes a strided
+    path: about 2.5 times the copy time.)"""
     scale = tl.load(scale_ptr).to(tl.float32)
-    if ACCUMULATE or scale != 1.0:
+    if ACCUMULATE or not IN_PLACE or scale != 1.0:
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
             offs = start + tl.arange(0, BLOCK)
