@@ -10,7 +10,6 @@ from . import _validation as check
 from .core import build_info, mean_denominator, reduce_rows, select_and_reduce, selected_first
 from .functional import as_rows, max_selected_rows, prepare, run_cross_entropy
 from .info import CGGRInfo
-from .ops.autograd import rows3d
 from .schedule import Curriculum, dynamic_ratio, dynamic_ratio_range
 
 
@@ -147,15 +146,15 @@ class CGGRLoss(nn.Module):
         opts = self.opts
         backend, seq_shape, flat_targets, reference_loss = prepare(
             logits, targets, logits.shape[-1], opts, self.backend, self.check_targets, reference_loss)
-        logits3d = rows3d(as_rows(logits))  # unit stride along V, as the statistics kernel reads it
+        logits_rows = as_rows(logits)  # unit stride along V, as the statistics kernel reads it
         valid = flat_targets != opts.ignore_index
         with torch.no_grad():
-            stats = backend.row_stats(logits3d.detach(), flat_targets, valid, opts, reference_loss)
+            stats = backend.row_stats(logits_rows.detach(), flat_targets, valid, opts, reference_loss)
             reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape)
         info = build_info(stats, reduced)
         base = self.base_ratio()
         bound = dynamic_ratio_range(base, self.threshold_sensitivity)[1] if self.dynamic_threshold else base
-        rows = logits3d.reshape(-1, logits.shape[-1])
+        rows = logits_rows.reshape(-1, logits.shape[-1])
         n_rows = rows.shape[0]
         index = selected_first(info.mask, max_selected_rows(bound, opts, n_rows, seq_shape))
         kept = info.mask.index_select(0, index)

@@ -2,11 +2,11 @@
 
 A backend is any object with
 
-* ``row_stats(logits [B, T, V], targets [B*T], valid [B*T], opts: LossOptions,
+* ``row_stats(logits [B, T, V] or [N, V], targets [B*T], valid [B*T], opts: LossOptions,
   reference_loss=None, need_entropy=True) -> RowStats`` (the entropy is read only by the info and
   the entropy-based scorings: without them it may be left 0)
-* ``logits_grad(logits [B, T, V'], targets, lse, coef, mask, opts, grad_scale=None, out=None,
-  vocab_size=None) -> [B, T, V']`` that is exactly 0 on rows where ``mask`` is False;
+* ``logits_grad(logits [B, T, V'] or [N, V'], targets, lse, coef, mask, opts, grad_scale=None,
+  out=None, vocab_size=None) -> logits-shaped`` that is exactly 0 on rows where ``mask`` is False;
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
   the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor;
@@ -102,8 +102,6 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, call: Call):
         backend, opts = call.backend, call.opts
-        ctx.rows_2d = logits.dim() == 2  # [N, V] is viewed as [1, N, V] here, not by an autograd node
-        logits = rows3d(logits)
         valid = targets != opts.ignore_index
         stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
@@ -125,21 +123,16 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
             grad, ctx.grad = ctx.grad, None
             grad = ctx.backend.mul_(grad, grad_loss)
         else:
-            saved_logits, targets, lse, mask, coef = ctx.saved_tensors
-            logits, opts = rows3d(saved_logits), ctx.opts
+            logits, targets, lse, mask, coef = ctx.saved_tensors
+            opts = ctx.opts
             grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
                                            out=logits if opts.inplace_backward else None)
             if opts.inplace_backward:
                 # The kernels write behind autograd's back: mark the buffer changed, so that an op
                 # that saved these logits for its own backward (relu, say) raises instead of
                 # reading a gradient as its output.
-                torch.autograd.graph.increment_version(saved_logits)
-        return (grad[0] if ctx.rows_2d else grad), None, None
-
-
-def rows3d(logits: torch.Tensor) -> torch.Tensor:
-    """``[N, V]`` as ``[1, N, V]``; ``[B, T, V]`` as it is."""
-    return logits if logits.dim() == 3 else logits.unsqueeze(0)
+                torch.autograd.graph.increment_version(logits)
+        return grad, None, None
 
 
 def cggr_cross_entropy_apply(logits, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
@@ -301,7 +294,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
             denominator = mean_denominator(opts, n_valid, n_valid)
         stats_parts = []
         for rows in _chunks(hidden.shape[0], plan.chunk_rows):
-            logits = _project(hidden[rows], weight, bias)[None]
+            logits = _project(hidden[rows], weight, bias)
             chunk_ref = None if reference_loss is None else reference_loss[rows]
             chunk_stats = backend.row_stats(logits, targets[rows], valid[rows], opts, chunk_ref, call.needs_info)
             stats_parts.append(chunk_stats)
@@ -309,7 +302,7 @@ class CGGRLinearCrossEntropyFunction(torch.autograd.Function):
                 coef = valid[rows].to(chunk_stats.lse.dtype)
                 coef = coef if denominator is None else coef / denominator
                 grad_logits = backend.logits_grad(logits, targets[rows], chunk_stats.lse, coef, valid[rows], opts,
-                                                  out=logits)[0]
+                                                  out=logits)
                 index = torch.arange(rows.start, rows.stop, device=hidden.device)
                 grads.add(index, hidden[rows], grad_logits)
                 del grad_logits  # a view of this chunk's logits: freed before the next chunk is made
@@ -361,9 +354,9 @@ def _recompute(ctx, hidden, weight, bias, targets, lse, mask, coef) -> _HeadGrad
     for rows in _chunks(order.numel(), ctx.plan.chunk_rows):
         index = order[rows]
         h = hidden.index_select(0, index)
-        logits = _project(h, weight, bias)[None]
+        logits = _project(h, weight, bias)
         grad_logits = ctx.backend.logits_grad(logits, targets[index], lse[index], coef[index], mask[index], opts,
-                                              out=logits)[0]
+                                              out=logits)
         grads.add(index, h, grad_logits)
         del logits, grad_logits
     return grads
@@ -381,9 +374,9 @@ def _recompute_weight_columns(ctx, hidden, weight, bias, targets, lse, mask, coe
     width = -(-width // 128) * 128 if width >= 128 else width  # whole tiles, equal slices
     weight_grad = _existing_grad(weight)
     for cols in _chunks(n_cols, width):
-        logits = _project(hidden, weight[cols], None if bias is None else bias[cols])[None]
+        logits = _project(hidden, weight[cols], None if bias is None else bias[cols])
         grad_logits = ctx.backend.logits_grad(logits, targets - cols.start, lse, coef, mask, opts, out=logits,
-                                              vocab_size=vocab_size)[0]
+                                              vocab_size=vocab_size)
         weight_grad[cols].addmm_(grad_logits.t(), hidden)
         del logits, grad_logits
 
@@ -430,12 +423,12 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
     with torch.no_grad():
         valid = targets_flat != opts.ignore_index
         cast_weight = _cast_weight(weight, plan)
-        logits = _project(hidden2d, cast_weight, bias)[None]
+        logits = _project(hidden2d, cast_weight, bias)
         stats = backend.row_stats(logits, targets_flat, valid, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         # The logits become their gradient, zero on the rows not selected.
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
-                                          out=logits)[0]
+                                          out=logits)
         del logits
         grads = _HeadGrads(backend, hidden2d, cast_weight, bias is not None and bias.requires_grad,
                            hidden2d.requires_grad, weight.requires_grad, plan.weight_grad, whole=True)

@@ -128,14 +128,15 @@ def _stats_constants(config_of, vocab_size: int, few_rows: bool, dtype: torch.dt
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, reference_loss: Optional[torch.Tensor],
                scoring: str, label_smoothing: float, z_loss: float, logit_scale: float,
                logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
-    batch, seq_len, vocab_size = logits.shape
-    n_rows = batch * seq_len
+    vocab_size = logits.shape[-1]
+    n_rows = logits.numel() // vocab_size
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
     if n_rows == 0:
         return stats
     if _rows_aligned(logits):  # the common case, decided first: host time counts
         align, rows, offset, vector_reads = 1, logits, 0, True
     else:
+        logits = _rows3d(logits)
         # The layout reads only whether a block holds a 16-byte vector: the same for every kind.
         align, (rows,), offset = _row_layout(launch_config(vocab_size, "stats"), logits)
         vector_reads = align > 1
@@ -144,15 +145,28 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                                  need_entropy, align, vector_reads, transform)
     with _device_guard(logits):
         launch(row_stats_kernel, n_rows,
-               rows, targets, valid, valid if reference_loss is None else reference_loss, stats, seq_len,
-               logits.stride(0), logits.stride(1), offset, vocab_size, *float_args, **constants)
+               rows, targets, valid, valid if reference_loss is None else reference_loss, stats,
+               *_row_strides(logits), offset, vocab_size, *float_args, **constants)
     return stats
 
 
+def _rows3d(rows: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` as ``[1, N, V]``; ``[B, T, V]`` as it is."""
+    return rows if rows.dim() == 3 else rows.unsqueeze(0)
+
+
+def _row_strides(rows: torch.Tensor):
+    """``(T, B stride, T stride)`` of rows ``[B, T, V]``, or of ``[N, V]`` as ``[1, N, V]``: the
+    kernels' row addressing (row r at ``(r // T) * B stride + (r % T) * T stride``)."""
+    if rows.dim() == 2:
+        return rows.shape[0], 0, rows.stride(0)
+    return rows.shape[1], rows.stride(0), rows.stride(1)
+
+
 def _rows_aligned(rows: torch.Tensor) -> bool:
-    """Whether Triton can prove every row of ``rows`` [B, T, V] 16-byte aligned: pointer and
-    strides multiples of 16 (the divisibility it specialises integers on)."""
-    return rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and rows.stride(1) % 16 == 0
+    """Whether Triton can prove every row of ``rows`` ([B, T, V] or [N, V]) 16-byte aligned:
+    pointer and row strides multiples of 16 (the divisibility it specialises integers on)."""
+    return rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and (rows.dim() == 2 or rows.stride(1) % 16 == 0)
 
 
 def _boundary_offset(rows: torch.Tensor) -> int:
@@ -204,7 +218,7 @@ def _fold_width(element_size: int, config: dict, vector_reads: bool) -> int:
 def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                  reference_loss: Optional[torch.Tensor], scoring: str, label_smoothing: float, z_loss: float,
                  logit_scale: float, logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
-    """logits ``[B, T, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
+    """logits ``[B, T, V]`` or ``[N, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
     the optional fields ``scoring`` does not read are 0 (the entropy too unless ``need_entropy``).
     ``logit_softcap`` 0 means none."""
     return _row_stats(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale,
@@ -214,27 +228,28 @@ def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
 @row_stats_op.register_fake
 def _(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale, logit_softcap,
       need_entropy=True):
-    return logits.new_empty((logits.shape[0] * logits.shape[1], _N_STATS), dtype=compute_dtype(logits.dtype))
+    return logits.new_empty((logits.numel() // logits.shape[-1], _N_STATS), dtype=compute_dtype(logits.dtype))
 
 
 def _launch_grad(logits, grad, targets, lse, coef, mask, label_smoothing, z_loss, logit_scale, logit_softcap,
                  grad_scale, vocab_size):
-    batch, seq_len, n_cols = logits.shape
-    if batch * seq_len == 0:
+    n_cols = logits.shape[-1]
+    n_rows = logits.numel() // n_cols
+    if n_rows == 0:
         return
     scale = coef if grad_scale is None else grad_scale  # coef is only a stand-in, never read (SCALE_MODE 0)
     if _rows_aligned(logits) and _rows_aligned(grad):  # the common case, decided first: host time counts
         align, rows, grad_rows, offset = 1, logits, grad, 0
     else:
+        logits, grad = _rows3d(logits), _rows3d(grad)
         align, (rows, grad_rows), offset = _row_layout(launch_config(n_cols, "grad"), logits, grad)
     transform, float_args = _float_args(label_smoothing, z_loss, logit_scale, logit_softcap)
     scale_mode = 0 if grad_scale is None else (1 if grad_scale.dim() == 0 else 2)
     constants = _grad_constants(launch_config, n_cols, logits.dtype, scale_mode, align, transform)
     with _device_guard(logits):
-        launch(logits_grad_kernel, batch * seq_len,
-               rows, grad_rows, targets, lse, coef, mask, scale, seq_len, logits.stride(0), logits.stride(1),
-               grad.stride(0), grad.stride(1), offset, lse.stride(0), n_cols, vocab_size or n_cols, *float_args,
-               **constants)
+        launch(logits_grad_kernel, n_rows,
+               rows, grad_rows, targets, lse, coef, mask, scale, *_row_strides(logits), *_row_strides(grad)[1:], offset,
+               lse.stride(0), n_cols, vocab_size or n_cols, *float_args, **constants)
 
 
 @functools.lru_cache(maxsize=256)
@@ -246,13 +261,15 @@ def _grad_constants(config_of, n_cols: int, dtype: torch.dtype, scale_mode: int,
 
 
 def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """An empty gradient for ``logits`` [B, T, V]: with the logits' strides where its rows do not
+    """An empty gradient for ``logits`` [B, T, V] (or [N, V]): with the logits' strides where its rows do not
     overlap (in either order of B and T) and its span exceeds B*T*V by at most 1/16 (a view of
     a shifted sequence, padded rows, time-major rows), so that rows read shifted to 16-byte
     boundaries are written shifted alike, its rows then starting ``offset`` elements into its
     storage (that of a view of the logits, see :func:`_boundary_offset`); else contiguous."""
     if offset == 0 and logits.is_contiguous():  # the common case, decided first: host time counts
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.dim() == 2:
+        return _grad_buffer(logits.unsqueeze(0), offset)[0]
     (b, t, v), (stride_b, stride_t, _) = logits.shape, logits.stride()  # unit stride along V
     (n_inner, s_inner), (n_outer, s_outer) = sorted(((b, stride_b), (t, stride_t)), key=lambda dim: dim[1])
     apart = (n_inner == 1 or s_inner >= v) and (n_outer == 1 or s_outer >= (n_inner - 1) * s_inner + v)
@@ -406,14 +423,16 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
     coef = torch.empty(n_rows, dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device) if opts.reduction == "none" else loss
-    counts = torch.empty(2, dtype=torch.int64, device=device)
-    outputs = (mask, weight, coef, row_loss, loss, counts, n_rows)
-    # Stand-ins for pointers a kernel does not read: ``counts`` for a float ratio, ``loss`` for
+    # Two 0-d counts: two allocations cost the host less than views of one.
+    n_valid = torch.empty((), dtype=torch.int64, device=device)
+    n_selected = torch.empty((), dtype=torch.int64, device=device)
+    outputs = (mask, weight, coef, row_loss, loss, n_valid, n_selected, n_rows)
+    # Stand-ins for pointers a kernel does not read: ``n_valid`` for a float ratio, ``loss`` for
     # the per-row losses unless reduction is 'none'.
     if from_ptr:
         ratio_ptr, ratio_bits = ratio.to(device=device, dtype=torch.float64), 0
     else:
-        ratio_ptr, ratio_bits = counts, _float_bits(ratio)
+        ratio_ptr, ratio_bits = n_valid, _float_bits(ratio)
     with _device_guard(base):
         if opts.selection == "importance":
             u = torch.rand((), dtype=torch.float64, device=device, generator=opts.generator)
@@ -428,7 +447,6 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
                 forced = forced_rows(stats.score, valid, seq_shape, opts.min_tokens_per_sequence)
             keys = random_keys(n_rows, device, opts.generator) if opts.selection == "random" else stats.score
             launch(select_topk_kernel, 1, keys, base, valid, forced, ratio_ptr, ratio_bits, *outputs, **constants)
-    n_valid, n_selected = counts.unbind()
     return mask, weight, coef, row_loss, n_valid, n_selected
 
 

@@ -424,7 +424,7 @@ def _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR: tl.constex
 @triton.jit
 def select_topk_kernel(
     keys_ptr, stats_ptr, valid_ptr, forced_ptr, ratio_ptr, ratio_bits,
-    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, n_valid_ptr, n_selected_ptr, n_rows,
     KEY_STRIDE: tl.constexpr, KEYS_ARE_SCORES: tl.constexpr, STATS_WIDTH: tl.constexpr, LOSS_COL: tl.constexpr,
     RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
     FORCED: tl.constexpr,
@@ -438,8 +438,8 @@ def select_topk_kernel(
     order like the numbers) or non-negative int32 random keys (``random``), ``KEY_STRIDE``
     apart. With FORCED (``sequence_aware``) the valid rows where ``forced_ptr`` is set rank
     above every other row and k becomes max(k, their count), so they are all kept and the rest
-    of the budget goes to the largest keys. REDUCTION: 0 mean, 1 sum, 2 none. ``counts``
-    receives (n_valid, n_selected). Rows are walked CHUNK at a time; when they all fit one step
+    of the budget goes to the largest keys. REDUCTION: 0 mean, 1 sum, 2 none. ``n_valid``
+    and ``n_selected`` receive the counts. Rows are walked CHUNK at a time; when they all fit one step
     (ONE_STEP) their keys are read once and kept in registers."""
     cols = tl.arange(0, CHUNK)
     if ONE_STEP:
@@ -504,8 +504,8 @@ def select_topk_kernel(
         if REDUCTION == 2:
             tl.store(row_loss_ptr + offs, weighted, mask=in_range)
     tl.store(loss_ptr, total * scale)
-    tl.store(counts_ptr, n_valid)
-    tl.store(counts_ptr + 1, k)
+    tl.store(n_valid_ptr, n_valid)
+    tl.store(n_selected_ptr, k)
 
 
 @triton.jit
@@ -572,7 +572,7 @@ def _radix_top(key, valid, k):
 @triton.jit
 def select_stratified_kernel(
     stats_ptr, valid_ptr, keys_ptr, ratio_ptr, ratio_bits,
-    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows, num_strata,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, n_valid_ptr, n_selected_ptr, n_rows, num_strata,
     STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr, RATIO_FROM_PTR: tl.constexpr,
     REDUCTION: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
 ):
@@ -633,8 +633,8 @@ def select_stratified_kernel(
     if REDUCTION == 2:
         tl.store(row_loss_ptr + cols, weighted, mask=in_range)
     tl.store(loss_ptr, tl.sum(weighted, 0) * scale)
-    tl.store(counts_ptr, n_valid)
-    tl.store(counts_ptr + 1, n_selected)
+    tl.store(n_valid_ptr, n_valid)
+    tl.store(n_selected_ptr, n_selected)
 
 
 @triton.jit
@@ -675,7 +675,7 @@ def _importance_sums(first_s, first_valid, stats_ptr, valid_ptr, n_rows, c, pi_m
 @triton.jit
 def select_importance_kernel(
     stats_ptr, valid_ptr, ratio_ptr, ratio_bits, u_ptr,
-    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, counts_ptr, n_rows,
+    mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, n_valid_ptr, n_selected_ptr, n_rows,
     STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr,
     RATIO_FROM_PTR: tl.constexpr, REDUCTION: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr,
     ITERATIONS: tl.constexpr,
@@ -687,7 +687,7 @@ def select_importance_kernel(
 
     c is bracketed by bisection of log c over [2**-80, 2**21] (ITERATIONS halvings, the midpoint
     a geometric mean), then solved exactly on the bracket's clamping pattern, where sum pi is
-    linear in c. Sums are float64. ``counts`` receives (n_valid, n_selected)."""
+    linear in c. Sums are float64."""
     cols = tl.arange(0, CHUNK)
     if ONE_STEP:
         first_s, first_valid = _importance_score(stats_ptr, valid_ptr, cols, n_rows, STATS_WIDTH, SCORE_COL)
@@ -747,8 +747,8 @@ def select_importance_kernel(
         if REDUCTION == 2:
             tl.store(row_loss_ptr + offs, weighted.to(tl.float32), mask=in_range)
     tl.store(loss_ptr, (total_loss * scale).to(tl.float32))
-    tl.store(counts_ptr, n_valid)
-    tl.store(counts_ptr + 1, n_selected)
+    tl.store(n_valid_ptr, n_valid)
+    tl.store(n_selected_ptr, n_selected)
 
 
 @triton.jit
