@@ -136,6 +136,22 @@ def test_extreme_logits_and_neg_inf():
     assert _close(it.confidence, probs.amax(-1), 2e-3)  # exp(m - lse): the same rounding, relative
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_target_check_on_gpu(dtype):
+    """The one-launch target check counts every bad target of a batch larger than its programs'
+    first blocks (so they walk several), and the loss names the first bad one."""
+    from cggr.ops import triton_backend
+
+    n, vocab = 300_000, 50
+    targets = torch.randint(0, vocab, (n,), device="cuda", dtype=dtype)
+    targets[::7] = -100
+    assert triton_backend.count_bad_targets(targets, vocab, -100) == 0
+    targets[[5, n - 1]] = torch.tensor([vocab, -3], device="cuda", dtype=dtype)
+    assert triton_backend.count_bad_targets(targets, vocab, -100) == 2
+    with pytest.raises(ValueError, match=f"found {vocab}"):
+        cggr_cross_entropy(torch.randn(n, vocab, device="cuda"), targets, 0.5)
+
+
 def test_nan_row_is_selected_and_gives_nan():
     logits = torch.randn(32, 1000, device="cuda")
     logits[5, 17] = float("nan")

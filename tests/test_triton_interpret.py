@@ -299,6 +299,32 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("ignore_index", [-100, 3, 7])
+def test_bad_targets_counted_in_one_launch(dtype, ignore_index, monkeypatch):
+    """The Triton target check counts what the PyTorch comparisons count (blocks of 16 over 3
+    programs: several blocks each, the last one partial), and the loss refuses a bad target
+    found by it with the usual message naming it."""
+    from cggr.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_CHECK_BLOCK", 16)
+    monkeypatch.setattr(triton_backend, "_CHECK_PROGRAMS", 3)
+    g = torch.Generator().manual_seed(21)
+    vocab = 7
+    targets = torch.randint(-2, vocab + 2, (101,), generator=g).to(dtype)
+    targets[::5] = ignore_index
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    assert 0 < int(bad.sum()) < 101
+    assert triton_backend.count_bad_targets(targets, vocab, ignore_index) == int(bad.sum())
+    good = torch.where(bad, torch.zeros_like(targets), targets)
+    assert triton_backend.count_bad_targets(good, vocab, ignore_index) == 0
+    assert triton_backend.count_bad_targets(good[:0], vocab, ignore_index) == 0
+    logits = torch.randn(101, vocab)
+    cggr_cross_entropy(logits, good, 0.5, ignore_index=ignore_index, backend="triton")
+    with pytest.raises(ValueError, match=f"found {int(targets[bad][0])}"):
+        cggr_cross_entropy(logits, targets, 0.5, ignore_index=ignore_index, backend="triton")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("value", [1.0, 2.5])
 @pytest.mark.parametrize("programs", [None, 3])

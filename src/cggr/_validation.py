@@ -164,11 +164,16 @@ def check_vocab(vocab_size: int, name: str) -> None:
         raise ValueError(f"{name} must have V >= 2 classes, got V={vocab_size}")
 
 
-def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int, count_bad=None) -> None:
     """The one check that syncs with the device. Under torch.compile it is an asynchronous
-    assertion instead (a host read would break the graph), raised when the graph runs."""
+    assertion instead (a host read would break the graph), raised when the graph runs.
+    ``count_bad`` (a backend's ``count_bad_targets``, for contiguous ``targets``) counts the bad
+    targets in fewer launches; the PyTorch ops below then run only to name the first one."""
+    compiling = torch.compiler.is_compiling()
+    if count_bad is not None and not compiling and count_bad(targets, vocab_size, ignore_index) == 0:
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if torch.compiler.is_compiling():
+    if compiling:
         torch._assert_async(~bad.any(), f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
         return
     if bool(bad.any()):

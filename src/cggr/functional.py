@@ -308,9 +308,9 @@ def prepare(rows: torch.Tensor, targets: torch.Tensor, vocab_size: int, opts: Lo
     seq_shape = check.check_sequence_shape(opts.selection, targets)
     check.check_generator(opts.generator, rows.device)
     impl = get_backend(backend, rows.device)
-    if check_targets:
-        check.check_target_range(targets, vocab_size, opts.ignore_index)
     flat_targets = targets if targets.dim() == 1 and targets.is_contiguous() else targets.reshape(-1).contiguous()
+    if check_targets:
+        check.check_target_range(flat_targets, vocab_size, opts.ignore_index, getattr(impl, "count_bad_targets", None))
     if reference_loss is not None:
         reference_loss = reference_loss.detach().reshape(-1).contiguous()
     return impl, seq_shape, flat_targets, reference_loss

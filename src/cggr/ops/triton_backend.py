@@ -20,6 +20,7 @@ from . import reference, triton_interpreting
 from .launch import launch
 from .reference import compute_dtype
 from .triton_kernels import (
+    count_bad_targets_kernel,
     logits_grad_kernel,
     row_stats_kernel,
     scale_kernel,
@@ -386,6 +387,28 @@ def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """See :func:`cggr.ops.reference.add_mul_`."""
     return out if _launch_scale(out, src, scale, True) else reference.add_mul_(out, src, scale)
+
+
+_CHECK_BLOCK = 4096
+_CHECK_PROGRAMS = 32
+_INT64 = (-(1 << 63), 1 << 63)
+
+
+def count_bad_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> Optional[int]:
+    """How many of the contiguous ``targets`` are neither in [0, vocab_size) nor ``ignore_index``:
+    one launch and one read back (the target check's host sync), where PyTorch's comparisons
+    take six launches. None where it does not apply (an ``ignore_index`` beyond int64)."""
+    if not _INT64[0] <= ignore_index < _INT64[1]:
+        return None
+    n = targets.numel()
+    if n == 0:
+        return 0
+    programs = min(-(-n // _CHECK_BLOCK), _CHECK_PROGRAMS)
+    counts = torch.empty(programs, dtype=torch.int32, device=targets.device)
+    with _device_guard(targets):
+        launch(count_bad_targets_kernel, programs, targets, counts, n, vocab_size, ignore_index, BLOCK=_CHECK_BLOCK,
+               num_warps=4)
+    return sum(counts.tolist())
 
 
 _REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}

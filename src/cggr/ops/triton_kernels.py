@@ -769,3 +769,16 @@ def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, A
             if ACCUMULATE:
                 value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def count_bad_targets_kernel(targets_ptr, out_ptr, n, vocab_size, ignore_index, BLOCK: tl.constexpr):
+    """``out[program]`` = how many of the ``[n]`` targets this program reads are neither in
+    [0, vocab_size) nor ``ignore_index``; each program walks every ``num_programs``-th block."""
+    program = tl.program_id(0)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(program.to(tl.int64) * BLOCK, n, tl.num_programs(0).to(tl.int64) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        target = tl.load(targets_ptr + offs, mask=offs < n, other=0).to(tl.int64)  # 0: in range (V >= 2)
+        count += ((target != ignore_index) & ((target < 0) | (target >= vocab_size))).to(tl.int32)
+    tl.store(out_ptr + program, tl.sum(count, 0))
