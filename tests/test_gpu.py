@@ -152,6 +152,25 @@ def test_target_check_on_gpu(dtype):
         cggr_cross_entropy(torch.randn(n, vocab, device="cuda"), targets, 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepared_backward_scaling_on_gpu(dtype):
+    """The gradient formed in the forward is scaled in the backward through a launch prepared in
+    the forward: repeated calls (the first launch compiles, later ones go straight to the
+    launcher) with upstream gradients of 1, 2.5 and one not 16-byte aligned match the reference."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(64, 1000, device="cuda", generator=g).to(dtype)
+    targets = torch.randint(0, 1000, (64,), device="cuda", generator=g)
+    upstream = torch.tensor([0.0, 2.5], device="cuda")
+    for scale in [None, torch.tensor(2.5, device="cuda"), upstream[1], None, upstream[1]]:
+        grads = []
+        for backend in ("triton", "torch"):
+            x = logits.clone().requires_grad_(True)
+            loss = cggr_cross_entropy(x, targets, 0.5, backend=backend)
+            loss.backward(scale)
+            grads.append(x.grad.float())
+        torch.testing.assert_close(grads[0], grads[1], rtol=TOL[dtype], atol=TOL[dtype] / 100)
+
+
 def test_nan_row_is_selected_and_gives_nan():
     logits = torch.randn(32, 1000, device="cuda")
     logits[5, 17] = float("nan")

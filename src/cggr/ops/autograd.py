@@ -10,8 +10,11 @@ A backend is any object with
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
   the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor;
-  ``scaled(tensor, scale)``: the same into a new tensor.
-* optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`.
+  ``scaled(tensor, scale)``: the same into a new tensor; ``scaler(tensor)``: a function of
+  ``scale`` that does ``mul_(tensor, scale)``.
+* optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`, and
+  ``row_stats_and_valid(logits, targets, opts, reference_loss=None, need_entropy=True)``:
+  ``row_stats`` that also forms ``valid``.
 
 Per-row tensors (targets, validity, reference losses) are contiguous ``[B*T]`` vectors here;
 :mod:`cggr.functional` makes them so.
@@ -78,6 +81,16 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def stats_and_valid(backend, logits, targets, opts: LossOptions, reference_loss, need_entropy: bool):
+    """``(RowStats, valid)``, valid = targets != ignore_index: from one launch where the backend
+    has ``row_stats_and_valid``."""
+    fused = getattr(backend, "row_stats_and_valid", None)
+    if fused is not None:
+        return fused(logits, targets, opts, reference_loss, need_entropy)
+    valid = targets != opts.ignore_index
+    return backend.row_stats(logits, targets, valid, opts, reference_loss, need_entropy), valid
+
+
 def _fused_select(backend):
     """The backend's one-launch selection, if it has one."""
     return getattr(backend, "select", None)
@@ -96,42 +109,43 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     It is written in the backward, or with ``grad_now`` (small logits, a scalar loss, not in
     place) in the forward, where the backward only scales it by the upstream gradient: with host
     time setting the pace, work queued in the forward keeps the GPU busy while autograd hands the
-    backward to its device thread.
+    backward to its device thread. The forward also prepares that scaling's launch (the
+    backend's ``scaler``): Python runs several times slower on that thread.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, call: Call):
         backend, opts = call.backend, call.opts
-        valid = targets != opts.ignore_index
-        stats = backend.row_stats(logits, targets, valid, opts, call.reference_loss, call.needs_info)
+        stats, valid = stats_and_valid(backend, logits, targets, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         ctx.backend, ctx.opts = backend, opts
         # A second backward (retain_graph) recomputes the gradient from the saved logits.
-        ctx.grad = None if not call.grad_now else backend.logits_grad(logits, targets, stats.lse, reduced.coef,
-                                                                      reduced.mask, opts)
+        ctx.scale_grad = None
+        if call.grad_now:
+            ctx.scale_grad = backend.scaler(backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask,
+                                                                opts))
         ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
         return _outputs(ctx, stats, reduced, call.with_info, call.sink)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_info_grads):
+        if ctx.scale_grad is not None:  # formed in the forward: the first backward scales it
+            scale_grad, ctx.scale_grad = ctx.scale_grad, None
+            return scale_grad(grad_loss), None, None
         with autocast_off(grad_loss.device.type):
             return CGGRCrossEntropyFunction._backward(ctx, grad_loss)
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        if ctx.grad is not None:
-            grad, ctx.grad = ctx.grad, None
-            grad = ctx.backend.mul_(grad, grad_loss)
-        else:
-            logits, targets, lse, mask, coef = ctx.saved_tensors
-            opts = ctx.opts
-            grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
-                                           out=logits if opts.inplace_backward else None)
-            if opts.inplace_backward:
-                # The kernels write behind autograd's back: mark the buffer changed, so that an op
-                # that saved these logits for its own backward (relu, say) raises instead of
-                # reading a gradient as its output.
-                torch.autograd.graph.increment_version(logits)
+        logits, targets, lse, mask, coef = ctx.saved_tensors
+        opts = ctx.opts
+        grad = ctx.backend.logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=grad_loss,
+                                       out=logits if opts.inplace_backward else None)
+        if opts.inplace_backward:
+            # The kernels write behind autograd's back: mark the buffer changed, so that an op
+            # that saved these logits for its own backward (relu, say) raises instead of
+            # reading a gradient as its output.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None
 
 
@@ -421,10 +435,9 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
     hands the backward to its device thread, and the backward is a few small multiplies."""
     backend, opts, plan = call.backend, call.opts, call.plan
     with torch.no_grad():
-        valid = targets_flat != opts.ignore_index
         cast_weight = _cast_weight(weight, plan)
         logits = _project(hidden2d, cast_weight, bias)
-        stats = backend.row_stats(logits, targets_flat, valid, opts, call.reference_loss, call.needs_info)
+        stats, valid = stats_and_valid(backend, logits, targets_flat, opts, call.reference_loss, call.needs_info)
         reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
         # The logits become their gradient, zero on the rows not selected.
         grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,

@@ -76,3 +76,38 @@ def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: O
                      compiled.launch_metadata((grid, 1, 1), stream, *params), enter_hook, exit_hook, *params)
         return
     launcher.bare(grid, 1, 1, stream, *launcher.head, *args, *launcher.tail)
+
+
+def prepared(kernel, grid: int, args: tuple, late: int, *, num_warps: Optional[int] = None, **constexprs):
+    """``launch`` of ``args`` with ``args[late]`` (a tensor) given later: returns ``run(value)``,
+    which launches with ``value`` in that place. The host work that does not depend on ``value``
+    is done here, once: for a launch from a thread where Python runs slowly (autograd's device
+    thread, for a backward)."""
+    if not _DIRECT or not isinstance(kernel, triton.runtime.JITFunction):  # the interpreter
+        return lambda value: launch(kernel, grid, *args[:late], value, *args[late + 1:], num_warps=num_warps,
+                                    **constexprs)
+    device = torch.cuda.current_device()
+
+    def fallback(value):
+        with torch.cuda.device(device):
+            launch(kernel, grid, *args[:late], value, *args[late + 1:], num_warps=num_warps, **constexprs)
+
+    before = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[:late])  # the launcher takes ints
+    after = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[late + 1:])
+    found = {}  # the value's specialisation -> the compiled launcher (after one ordinary launch)
+
+    def run(value):
+        launcher = found.get((value.dtype, value.data_ptr() % 16 == 0))
+        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if (launcher is None or torch.cuda.current_device() != device
+                or (enter_hook is not None and getattr(enter_hook, "calls", True))
+                or (exit_hook is not None and getattr(exit_hook, "calls", True))):
+            fallback(value)
+            entry = _compiled.get(_key(kernel, device, num_warps, None, constexprs, (*args[:late], value,
+                                                                                      *args[late + 1:])))
+            found[(value.dtype, value.data_ptr() % 16 == 0)] = entry if entry is not None and entry.bare else None
+            return
+        launcher.bare(grid, 1, 1, driver.active.get_current_stream(device), *launcher.head, *before, value, *after,
+                      *launcher.tail)
+
+    return run

@@ -139,6 +139,11 @@ def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return tensor.copy_(scaled(tensor, scale))
 
 
+def scaler(tensor: torch.Tensor):
+    """``lambda scale: mul_(tensor, scale)`` (a backend may do part of the work now)."""
+    return lambda scale: mul_(tensor, scale)
+
+
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``out += scale * src`` in place; ``scale`` a 0-d tensor; in at least float32, rounded once."""
     wide = torch.promote_types(out.dtype, torch.float32)

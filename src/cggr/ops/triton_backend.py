@@ -17,7 +17,7 @@ import triton
 from ..scoring import SCORINGS, RowStats, scoring_reads
 from ..selection import forced_rows, random_keys
 from . import reference, triton_interpreting
-from .launch import launch
+from .launch import launch, prepared
 from .reference import compute_dtype
 from .triton_kernels import (
     count_bad_targets_kernel,
@@ -128,7 +128,9 @@ def _stats_constants(config_of, vocab_size: int, few_rows: bool, dtype: torch.dt
 
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, reference_loss: Optional[torch.Tensor],
                scoring: str, label_smoothing: float, z_loss: float, logit_scale: float,
-               logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
+               logit_softcap: float, need_entropy: bool = True, ignore_index: Optional[int] = None) -> torch.Tensor:
+    """The ``[N, 9]`` statistics; with ``ignore_index`` the kernel also writes ``valid`` (targets
+    other than it) instead of reading it."""
     vocab_size = logits.shape[-1]
     n_rows = logits.numel() // vocab_size
     stats = torch.empty(n_rows, _N_STATS, dtype=compute_dtype(logits.dtype), device=logits.device)
@@ -146,8 +148,9 @@ def _row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                                  need_entropy, align, vector_reads, transform)
     with _device_guard(logits):
         launch(row_stats_kernel, n_rows,
-               rows, targets, valid, valid if reference_loss is None else reference_loss, stats,
-               *_row_strides(logits), offset, vocab_size, *float_args, **constants)
+               rows, targets, valid, valid if reference_loss is None else reference_loss, stats, ignore_index or 0,
+               *_row_strides(logits), offset, vocab_size, *float_args, VALID_FROM_TARGETS=ignore_index is not None,
+               **constants)
     return stats
 
 
@@ -326,6 +329,19 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
                                          opts.z_loss, opts.logit_scale, opts.logit_softcap or 0.0, need_entropy))
 
 
+def row_stats_and_valid(logits: torch.Tensor, targets: torch.Tensor, opts,
+                        reference_loss: Optional[torch.Tensor] = None, need_entropy: bool = True):
+    """``(row_stats(...), valid)`` with ``valid = targets != opts.ignore_index`` [N] written by the
+    statistics kernel: one launch fewer than forming it first."""
+    if torch.compiler.is_compiling() or not _INT64[0] <= opts.ignore_index < _INT64[1]:
+        valid = targets != opts.ignore_index
+        return row_stats(logits, targets, valid, opts, reference_loss, need_entropy), valid
+    valid = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)
+    stats = _row_stats(logits, targets, valid, reference_loss, opts.scoring, opts.label_smoothing, opts.z_loss,
+                       opts.logit_scale, opts.logit_softcap or 0.0, need_entropy, ignore_index=opts.ignore_index)
+    return RowStats.from_columns(stats), valid
+
+
 def logits_grad(logits, targets, lse, coef, mask, opts, grad_scale=None, out=None, vocab_size=None):
     """See :func:`cggr.ops.reference.logits_grad`."""
     if coef.dtype != lse.dtype or not coef.is_contiguous():  # lse may be strided (a column of the statistics)
@@ -351,11 +367,16 @@ _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS_PER_SM = 8
 
 
+def _scalable(out: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether the scaling kernel applies: same-shaped contiguous tensors, not float64, eager."""
+    return not (torch.compiler.is_compiling() or out.dtype == torch.float64 or out.shape != src.shape
+                or not (out.is_contiguous() and src.is_contiguous()))
+
+
 def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, accumulate: bool) -> bool:
-    """The scaling kernel where it applies (same-shaped contiguous tensors, not float64, eager);
-    False otherwise."""
-    if (torch.compiler.is_compiling() or out.dtype == torch.float64 or out.shape != src.shape
-            or not (out.is_contiguous() and src.is_contiguous()) or scale.numel() != 1):
+    """The scaling kernel where it applies (see :func:`_scalable`; a one-element scale); False
+    otherwise."""
+    if not _scalable(out, src) or scale.numel() != 1:
         return False
     n = out.numel()
     if n:
@@ -376,6 +397,25 @@ def _scale_programs(n_blocks: int, out: torch.Tensor) -> int:
 def mul_(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """See :func:`cggr.ops.reference.mul_`."""
     return tensor if _launch_scale(tensor, tensor, scale, False) else reference.mul_(tensor, scale)
+
+
+def scaler(tensor: torch.Tensor):
+    """``lambda scale: mul_(tensor, scale)``, with the launch's host work that does not depend on
+    ``scale`` done now: for a backward, which runs on autograd's device thread, where each line
+    of Python costs several times what it costs the caller's."""
+    n = tensor.numel()
+    if not _scalable(tensor, tensor) or n == 0:
+        return functools.partial(mul_, tensor)
+    with _device_guard(tensor):
+        run = prepared(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), tensor), (tensor, tensor, None, n), 2,
+                       BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=True, num_warps=4)
+
+    def scale_by(scale: torch.Tensor) -> torch.Tensor:
+        if scale.numel() != 1:
+            return mul_(tensor, scale)
+        run(scale)
+        return tensor
+    return scale_by
 
 
 def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -123,11 +123,11 @@ def _transform_slope(t, scale, cap, TRANSFORM: tl.constexpr):
 
 @triton.jit
 def row_stats_kernel(
-    logits_ptr, targets_ptr, valid_ptr, ref_ptr, stats_ptr,
+    logits_ptr, targets_ptr, valid_ptr, ref_ptr, stats_ptr, ignore_index,
     seq_len, stride_b, stride_t, offset, vocab_size, eps_hi, eps_lo, z_hi, z_lo, scale_hi, scale_lo, cap_hi, cap_lo,
     BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr, SCORING: tl.constexpr,
     NEED_SECOND: tl.constexpr, NEED_SUM_SQ: tl.constexpr, STATS_WIDTH: tl.constexpr, FOLD: tl.constexpr,
-    ALIGN: tl.constexpr, TRANSFORM: tl.constexpr, NEED_ENTROPY: tl.constexpr,
+    ALIGN: tl.constexpr, TRANSFORM: tl.constexpr, NEED_ENTROPY: tl.constexpr, VALID_FROM_TARGETS: tl.constexpr,
 ):
     """stats[row] = (lse, x[y], entropy, p1, p2, sum_{j != y} p_j^2, sum x, score, loss) (RowStats
     order); zeros on invalid rows, and in the optional fields that neither the scoring nor the
@@ -141,7 +141,9 @@ def row_stats_kernel(
     Full blocks are read with a one-block prefetch; one masked tail block follows. Row ``r``
     starts at ``offset + (r // seq_len) * stride_b + (r % seq_len) * stride_t``; with ``ALIGN``
     > 1 anywhere (see :func:`_aligned_row`). Targets, validity and the reference losses (read
-    for the ``excess`` scoring only) are contiguous ``[B*T]`` vectors. Every logit goes through
+    for the ``excess`` scoring only) are contiguous ``[B*T]`` vectors; with VALID_FROM_TARGETS the
+    validity is ``target != ignore_index``, written to ``valid_ptr`` (a PyTorch comparison would
+    cost the host a launch). Every logit goes through
     :func:`_transform` (logit scale and softcap) first; its float32 (hi, lo) pairs are joined
     like label smoothing's.
     """
@@ -149,7 +151,11 @@ def row_stats_kernel(
     base = offset + (row // seq_len) * stride_b + (row % seq_len) * stride_t
     target = tl.load(targets_ptr + row).to(tl.int64)
     target_col = tl.minimum(tl.maximum(target, -1), vocab_size).to(tl.int32)  # int32, like the positions
-    valid = tl.load(valid_ptr + row) != 0
+    if VALID_FROM_TARGETS:  # the validity is written here, from the targets, not read
+        valid = target != ignore_index
+        tl.store(valid_ptr + row, valid)
+    else:
+        valid = tl.load(valid_ptr + row) != 0
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
     scale = _joined(scale_hi, scale_lo, ACC_DTYPE)
