@@ -10,8 +10,8 @@ A backend is any object with
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
   the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor;
-  ``scaled(tensor, scale)``: the same into a new tensor; ``scaler(tensor)``: a function of
-  ``scale`` that does ``mul_(tensor, scale)``.
+  ``scaled(tensor, scale)``: the same into a new tensor; ``scaler(tensor)`` and
+  ``scaled_later(tensor)``: functions of ``scale`` that do ``mul_`` and ``scaled`` of ``tensor``.
 * optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`, and
   ``row_stats_and_valid(logits, targets, opts, reference_loss=None, need_entropy=True)``:
   ``row_stats`` that also forms ``valid``.
@@ -189,7 +189,8 @@ def _mm_into(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, dtyp
         if acc is None:
             return torch.mm(a, b, out_dtype=dtype)
         return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
-    a, b = a.to(dtype), b.to(dtype)
+    if a.dtype != dtype or b.dtype != dtype:
+        a, b = a.to(dtype), b.to(dtype)
     return a @ b if acc is None else acc.addmm_(a, b)
 
 
@@ -228,7 +229,8 @@ class _HeadGrads:
             else:
                 self.hidden.index_copy_(0, index, grad_logits @ self.weight)
         if self.need_weight:
-            self.weight_grad = _mm_into(self.weight_grad, grad_logits[:, self.vocab_start:].t(), h, self.acc_dtype)
+            columns = grad_logits[:, self.vocab_start:] if self.vocab_start else grad_logits
+            self.weight_grad = _mm_into(self.weight_grad, columns.t(), h, self.acc_dtype)
         if self.has_bias:
             column_sums = grad_logits.sum(0, dtype=self.acc_dtype)
             self.bias = column_sums if self.bias is None else self.bias.add_(column_sums)
@@ -241,7 +243,8 @@ class _HeadGrads:
         def scaled(grad, dtype):  # in place: the accumulators are ours, and a copy of grad_weight is large
             if grad is None:
                 return None
-            return (grad if scale is None else self.backend.mul_(grad, scale)).to(dtype)
+            grad = grad if scale is None else self.backend.mul_(grad, scale)
+            return grad if grad.dtype == dtype else grad.to(dtype)
         hidden_dtype = None if self.hidden is None else self.hidden.dtype
         if self.in_place:
             if self.defer and self.weight_grad is not None:  # formed in the forward: scale is given
@@ -414,18 +417,19 @@ def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, refere
 
 
 class _ScaledGradients(torch.autograd.Function):
-    """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already
-    (``formed``, one per input, None where not needed): the backward scales them by the upstream
-    gradient, out of place, so that a second backward (retain_graph) gets them again."""
+    """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already: the
+    backward scales them by the upstream gradient through ``scalers`` (one per input, the
+    backend's ``scaled_later`` of each, None where not needed), out of place, so that a second
+    backward (retain_graph) gets them again."""
 
     @staticmethod
-    def forward(ctx, loss, backend, formed, *inputs):
-        ctx.backend, ctx.formed = backend, formed
+    def forward(ctx, loss, scalers, *inputs):
+        ctx.scalers = scalers
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, *(None if g is None else ctx.backend.scaled(g, grad_loss) for g in ctx.formed)
+        return None, None, *(None if scale_by is None else scale_by(grad_loss) for scale_by in ctx.scalers)
 
 
 def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
@@ -448,7 +452,8 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
         grads.add(None, hidden2d, grad_logits)
         del grad_logits
         formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
-    loss = _ScaledGradients.apply(reduced.loss, backend, formed, hidden2d, weight, bias)
+    scalers = tuple(None if grad is None else backend.scaled_later(grad) for grad in formed)
+    loss = _ScaledGradients.apply(reduced.loss, scalers, hidden2d, weight, bias)
     if call.sink is not None:
         call.sink.append((stats, reduced))
     return loss, (build_info(stats, reduced) if call.with_info else None)

@@ -144,6 +144,11 @@ def scaler(tensor: torch.Tensor):
     return lambda scale: mul_(tensor, scale)
 
 
+def scaled_later(tensor: torch.Tensor):
+    """``lambda scale: scaled(tensor, scale)`` (a backend may do part of the work now)."""
+    return lambda scale: scaled(tensor, scale)
+
+
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``out += scale * src`` in place; ``scale`` a 0-d tensor; in at least float32, rounded once."""
     wide = torch.promote_types(out.dtype, torch.float32)

@@ -403,12 +403,9 @@ def scaler(tensor: torch.Tensor):
     """``lambda scale: mul_(tensor, scale)``, with the launch's host work that does not depend on
     ``scale`` done now: for a backward, which runs on autograd's device thread, where each line
     of Python costs several times what it costs the caller's."""
-    n = tensor.numel()
-    if not _scalable(tensor, tensor) or n == 0:
+    if not _scalable(tensor, tensor) or tensor.numel() == 0:
         return functools.partial(mul_, tensor)
-    with _device_guard(tensor):
-        run = prepared(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), tensor), (tensor, tensor, None, n), 2,
-                       BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=True, num_warps=4)
+    run = _prepared_scale(tensor, tensor)
 
     def scale_by(scale: torch.Tensor) -> torch.Tensor:
         if scale.numel() != 1:
@@ -416,6 +413,30 @@ def scaler(tensor: torch.Tensor):
         run(scale)
         return tensor
     return scale_by
+
+
+def scaled_later(tensor: torch.Tensor):
+    """``lambda scale: scaled(tensor, scale)``, the first call's output allocated and its launch
+    prepared now (see :func:`scaler`); a later call (a second backward) forms a new tensor."""
+    if not _scalable(tensor, tensor) or tensor.numel() == 0:
+        return functools.partial(scaled, tensor)
+    first = [torch.empty_like(tensor)]
+    run = _prepared_scale(first[0], tensor)
+
+    def scale_by(scale: torch.Tensor) -> torch.Tensor:
+        if not first or scale.numel() != 1:
+            return scaled(tensor, scale)
+        run(scale)
+        return first.pop()
+    return scale_by
+
+
+def _prepared_scale(out: torch.Tensor, src: torch.Tensor):
+    """The scaling kernel's launch ``out = scale * src``, prepared but for ``scale``."""
+    n = out.numel()
+    with _device_guard(out):
+        return prepared(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), (out, src, None, n), 2,
+                        BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=out is src, num_warps=4)
 
 
 def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
