@@ -40,12 +40,11 @@ class _Launcher:
         self.tail = tuple(constexprs[name] for name in kernel.arg_names[n_args:])
 
 
-def _key(kernel, device, num_warps, maxnreg, constexprs: dict, args) -> tuple:
-    return (kernel, device, num_warps, maxnreg, *constexprs.items(), *[
-        (a.dtype, a.data_ptr() % 16 == 0) if type(a) is _Tensor
-        else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648) if type(a) is int
-        else float if type(a) is float else a  # bool, None, a dtype: by value
-        for a in args])
+def _specialisations(args) -> list:
+    return [(a.dtype, a.data_ptr() % 16 == 0) if type(a) is _Tensor
+            else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648) if type(a) is int
+            else float if type(a) is float else a  # bool, None, a dtype: by value
+            for a in args]
 
 
 def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: Optional[int] = None,
@@ -60,7 +59,7 @@ def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: O
         kernel[(grid,)](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()
-    key = _key(kernel, device, num_warps, maxnreg, constexprs, args)
+    key = (kernel, device, num_warps, maxnreg, *constexprs.items(), *_specialisations(args))
     launcher = _compiled.get(key)
     if launcher is None:
         _compiled[key] = _Launcher(kernel[(grid,)](*args, **constexprs, **options), len(args), constexprs, kernel)
@@ -78,34 +77,34 @@ def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: O
     launcher.bare(grid, 1, 1, stream, *launcher.head, *args, *launcher.tail)
 
 
-def prepared(kernel, grid: int, args: tuple, late: int, *, num_warps: Optional[int] = None, **constexprs):
-    """``launch`` of ``args`` with ``args[late]`` (a tensor) given later: returns ``run(value)``,
-    which launches with ``value`` in that place. The host work that does not depend on ``value``
-    is done here, once: for a launch from a thread where Python runs slowly (autograd's device
-    thread, for a backward)."""
+def prepared(kernel, grid: int, args: tuple, late: int, late_dtype: torch.dtype, *, num_warps: Optional[int] = None,
+             **constexprs):
+    """``launch`` of ``args`` with ``args[late]`` given later: returns ``run(value)``, which
+    launches with the tensor ``value`` in that place. The host work that does not depend on
+    ``value`` is done here, for a ``value`` of ``late_dtype`` with a 16-byte aligned pointer (a
+    fresh allocation); ``run`` takes the ordinary path for any other, or while a launch hook is
+    installed. For a launch from a thread where Python runs slowly (autograd's device thread,
+    for a backward)."""
+    def ordinary(value):
+        launch(kernel, grid, *args[:late], value, *args[late + 1:], num_warps=num_warps, **constexprs)
+
     if not _DIRECT or not isinstance(kernel, triton.runtime.JITFunction):  # the interpreter
-        return lambda value: launch(kernel, grid, *args[:late], value, *args[late + 1:], num_warps=num_warps,
-                                    **constexprs)
+        return ordinary
     device = torch.cuda.current_device()
-
-    def fallback(value):
-        with torch.cuda.device(device):
-            launch(kernel, grid, *args[:late], value, *args[late + 1:], num_warps=num_warps, **constexprs)
-
+    specialisations = _specialisations(args[:late]) + [(late_dtype, True)] + _specialisations(args[late + 1:])
+    launcher = _compiled.get((kernel, device, num_warps, None, *constexprs.items(), *specialisations))
+    if launcher is None or launcher.bare is None:  # not compiled yet (it is by the first launch), or not bare
+        return ordinary
     before = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[:late])  # the launcher takes ints
     after = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[late + 1:])
-    found = {}  # the value's specialisation -> the compiled launcher (after one ordinary launch)
 
     def run(value):
-        launcher = found.get((value.dtype, value.data_ptr() % 16 == 0))
         enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        if (launcher is None or torch.cuda.current_device() != device
+        if (value.dtype != late_dtype or value.data_ptr() % 16 or torch.cuda.current_device() != device
                 or (enter_hook is not None and getattr(enter_hook, "calls", True))
                 or (exit_hook is not None and getattr(exit_hook, "calls", True))):
-            fallback(value)
-            entry = _compiled.get(_key(kernel, device, num_warps, None, constexprs, (*args[:late], value,
-                                                                                      *args[late + 1:])))
-            found[(value.dtype, value.data_ptr() % 16 == 0)] = entry if entry is not None and entry.bare else None
+            with torch.cuda.device(device):
+                ordinary(value)
             return
         launcher.bare(grid, 1, 1, driver.active.get_current_stream(device), *launcher.head, *before, value, *after,
                       *launcher.tail)

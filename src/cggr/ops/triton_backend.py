@@ -432,11 +432,12 @@ def scaled_later(tensor: torch.Tensor):
 
 
 def _prepared_scale(out: torch.Tensor, src: torch.Tensor):
-    """The scaling kernel's launch ``out = scale * src``, prepared but for ``scale``."""
+    """The scaling kernel's launch ``out = scale * src``, prepared but for ``scale`` (a float32
+    upstream gradient: the loss's dtype wherever the kernel applies)."""
     n = out.numel()
     with _device_guard(out):
         return prepared(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), (out, src, None, n), 2,
-                        BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=out is src, num_warps=4)
+                        torch.float32, BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=out is src, num_warps=4)
 
 
 def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
