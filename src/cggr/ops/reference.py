@@ -57,11 +57,11 @@ def _chunk_stats(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts,
               reference_loss: Optional[torch.Tensor] = None, need_entropy: bool = True) -> RowStats:
-    """Statistics of every row. logits ``[B, T, V]`` or ``[N, V]``, any float dtype; targets, valid (and
-    ``reference_loss`` for the ``excess`` scoring) ``[B*T]`` contiguous; ``opts`` a LossOptions
-    (logit scale and softcap, scoring, label smoothing and z-loss). Returns float32 (float64 for
-    float64 logits), 0 on invalid rows; computes every field (``need_entropy`` False lets a
-    backend leave the entropy 0 where the scoring does not read it)."""
+    """Statistics of every row. logits ``[B, T, V]`` or ``[N, V]``, any float dtype; targets,
+    valid (and ``reference_loss`` for the ``excess`` scoring) ``[B*T]`` contiguous; ``opts`` a
+    LossOptions (logit scale and softcap, scoring, label smoothing and z-loss). Returns float32
+    (float64 for float64 logits), 0 on invalid rows; computes every field (``need_entropy``
+    False lets a backend leave the entropy 0 where the scoring does not read it)."""
     vocab_size = logits.shape[-1]
     logits = logits.reshape(-1, vocab_size)
     n_rows = logits.shape[0]
@@ -90,8 +90,9 @@ def logits_grad(
     """d loss / d logits, exactly 0 on rows where ``mask`` is False; ``opts`` a LossOptions
     (label smoothing, z-loss, logit scale and softcap).
 
-    logits ``[B, T, V']`` or ``[N, V']``: V' consecutive columns of rows of ``vocab_size`` columns (None: V'),
-    with ``targets`` counted from the first of them (a target outside adds no one-hot term);
+    logits ``[B, T, V']`` or ``[N, V']``: V' consecutive columns of rows of ``vocab_size``
+    columns (None: V'), with ``targets`` counted from the first of them (a target outside adds
+    no one-hot term);
     ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d or [B*T], None for
     1) the upstream gradient. ``out`` (may be ``logits`` itself, for the in-place backward)
     receives the result.

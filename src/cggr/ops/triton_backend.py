@@ -222,9 +222,9 @@ def _fold_width(element_size: int, config: dict, vector_reads: bool) -> int:
 def row_stats_op(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                  reference_loss: Optional[torch.Tensor], scoring: str, label_smoothing: float, z_loss: float,
                  logit_scale: float, logit_softcap: float, need_entropy: bool = True) -> torch.Tensor:
-    """logits ``[B, T, V]`` or ``[N, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics (RowStats order);
-    the optional fields ``scoring`` does not read are 0 (the entropy too unless ``need_entropy``).
-    ``logit_softcap`` 0 means none."""
+    """logits ``[B, T, V]`` or ``[N, V]`` (unit stride along V) -> ``[B*T, 9]`` statistics
+    (RowStats order); the optional fields ``scoring`` does not read are 0 (the entropy too unless
+    ``need_entropy``). ``logit_softcap`` 0 means none."""
     return _row_stats(logits, targets, valid, reference_loss, scoring, label_smoothing, z_loss, logit_scale,
                       logit_softcap, need_entropy)
 
@@ -265,11 +265,11 @@ def _grad_constants(config_of, n_cols: int, dtype: torch.dtype, scale_mode: int,
 
 
 def _grad_buffer(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """An empty gradient for ``logits`` [B, T, V] (or [N, V]): with the logits' strides where its rows do not
-    overlap (in either order of B and T) and its span exceeds B*T*V by at most 1/16 (a view of
-    a shifted sequence, padded rows, time-major rows), so that rows read shifted to 16-byte
-    boundaries are written shifted alike, its rows then starting ``offset`` elements into its
-    storage (that of a view of the logits, see :func:`_boundary_offset`); else contiguous."""
+    """An empty gradient for ``logits`` [B, T, V] (or [N, V]): with the logits' strides where its
+    rows do not overlap (in either order of B and T) and its span exceeds B*T*V by at most 1/16
+    (a view of a shifted sequence, padded rows, time-major rows), so that rows read shifted to
+    16-byte boundaries are written shifted alike, its rows then starting ``offset`` elements into
+    its storage (that of a view of the logits, see :func:`_boundary_offset`); else contiguous."""
     if offset == 0 and logits.is_contiguous():  # the common case, decided first: host time counts
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if logits.dim() == 2:

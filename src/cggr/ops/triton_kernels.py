@@ -143,9 +143,8 @@ def row_stats_kernel(
     > 1 anywhere (see :func:`_aligned_row`). Targets, validity and the reference losses (read
     for the ``excess`` scoring only) are contiguous ``[B*T]`` vectors; with VALID_FROM_TARGETS the
     validity is ``target != ignore_index``, written to ``valid_ptr`` (a PyTorch comparison would
-    cost the host a launch). Every logit goes through
-    :func:`_transform` (logit scale and softcap) first; its float32 (hi, lo) pairs are joined
-    like label smoothing's.
+    cost the host a launch). Every logit goes through :func:`_transform` (logit scale and
+    softcap) first; its float32 (hi, lo) pairs are joined like label smoothing's.
     """
     row = tl.program_id(0).to(tl.int64)
     base = offset + (row // seq_len) * stride_b + (row % seq_len) * stride_t
