@@ -92,10 +92,9 @@ def logits_grad(
 
     logits ``[B, T, V']`` or ``[N, V']``: V' consecutive columns of rows of ``vocab_size``
     columns (None: V'), with ``targets`` counted from the first of them (a target outside adds
-    no one-hot term);
-    ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d or [B*T], None for
-    1) the upstream gradient. ``out`` (may be ``logits`` itself, for the in-place backward)
-    receives the result.
+    no one-hot term); ``coef`` [B*T] holds reduction scale x row weight, and ``grad_scale`` (0-d
+    or [B*T], None for 1) the upstream gradient. ``out`` (may be ``logits`` itself, for the
+    in-place backward) receives the result.
     """
     shape, n_cols = logits.shape, logits.shape[-1]
     vocab_size = vocab_size or n_cols
