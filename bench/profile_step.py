@@ -215,10 +215,15 @@ def host_profile(step, calls=200):
     torch.cuda.synchronize()
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    print(cpu_op_table(step))
+
+
+def cpu_op_table(step, calls=20, rows=30, width=50) -> str:
+    """torch.profiler's table of host ops over ``calls`` calls of ``step``, by self CPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
+        for _ in range(calls):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=width)
 
 
 def main():

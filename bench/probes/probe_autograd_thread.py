@@ -11,7 +11,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.functional import cggr_cross_entropy  # noqa: E402
+from profile_step import cpu_op_table  # noqa: E402
 
 
 def main():
@@ -32,11 +34,9 @@ def main():
             for _ in range(50):
                 step()
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for _ in range(50):
-                    step()
+            table = cpu_op_table(step, calls=50, rows=8, width=45)
         print(name)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=45))
+        print(table)
 
 
 if __name__ == "__main__":

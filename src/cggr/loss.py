@@ -10,6 +10,7 @@ from . import _validation as check
 from .core import build_info, mean_denominator, reduce_rows, select_and_reduce, selected_first
 from .functional import as_rows, max_selected_rows, prepare, run_cross_entropy
 from .info import CGGRInfo
+from .ops.autograd import stats_and_valid
 from .schedule import Curriculum, dynamic_ratio, dynamic_ratio_range
 
 
@@ -147,9 +148,8 @@ class CGGRLoss(nn.Module):
         backend, seq_shape, flat_targets, reference_loss = prepare(
             logits, targets, logits.shape[-1], opts, self.backend, self.check_targets, reference_loss)
         logits_rows = as_rows(logits)  # unit stride along V, as the statistics kernel reads it
-        valid = flat_targets != opts.ignore_index
         with torch.no_grad():
-            stats = backend.row_stats(logits_rows.detach(), flat_targets, valid, opts, reference_loss)
+            stats, valid = stats_and_valid(backend, logits_rows.detach(), flat_targets, opts, reference_loss, True)
             reduced = select_and_reduce(stats, valid, ratio, opts, seq_shape)
         info = build_info(stats, reduced)
         base = self.base_ratio()

@@ -14,7 +14,7 @@ A backend is any object with
   ``scaled_later(tensor)``: functions of ``scale`` that do ``mul_`` and ``scaled`` of ``tensor``.
 * optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`, and
   ``row_stats_and_valid(logits, targets, opts, reference_loss=None, need_entropy=True)``:
-  ``row_stats`` that also forms ``valid``.
+  ``row_stats`` that also forms ``valid`` (None where it does not apply).
 
 Per-row tensors (targets, validity, reference losses) are contiguous ``[B*T]`` vectors here;
 :mod:`cggr.functional` makes them so.
@@ -83,10 +83,11 @@ def autocast_off(device_type: str):
 
 def stats_and_valid(backend, logits, targets, opts: LossOptions, reference_loss, need_entropy: bool):
     """``(RowStats, valid)``, valid = targets != ignore_index: from one launch where the backend
-    has ``row_stats_and_valid``."""
+    has a ``row_stats_and_valid`` that applies."""
     fused = getattr(backend, "row_stats_and_valid", None)
-    if fused is not None:
-        return fused(logits, targets, opts, reference_loss, need_entropy)
+    result = None if fused is None else fused(logits, targets, opts, reference_loss, need_entropy)
+    if result is not None:
+        return result
     valid = targets != opts.ignore_index
     return backend.row_stats(logits, targets, valid, opts, reference_loss, need_entropy), valid
 

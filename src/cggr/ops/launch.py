@@ -40,6 +40,17 @@ class _Launcher:
         self.tail = tuple(constexprs[name] for name in kernel.arg_names[n_args:])
 
 
+def _key(kernel, device, num_warps, maxnreg, constexprs: dict, specialisations) -> tuple:
+    return (kernel, device, num_warps, maxnreg, *constexprs.items(), *specialisations)
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is installed (Triton 3.6's hooks are chains, empty by default)."""
+    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return ((enter_hook is not None and bool(getattr(enter_hook, "calls", True)))
+            or (exit_hook is not None and bool(getattr(exit_hook, "calls", True))))
+
+
 def _specialisations(args) -> list:
     return [(a.dtype, a.data_ptr() % 16 == 0) if type(a) is _Tensor
             else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648) if type(a) is int
@@ -59,20 +70,18 @@ def launch(kernel, grid: int, *args, num_warps: Optional[int] = None, maxnreg: O
         kernel[(grid,)](*args, **constexprs, **options)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, num_warps, maxnreg, *constexprs.items(), *_specialisations(args))
+    key = _key(kernel, device, num_warps, maxnreg, constexprs, _specialisations(args))
     launcher = _compiled.get(key)
     if launcher is None:
         _compiled[key] = _Launcher(kernel[(grid,)](*args, **constexprs, **options), len(args), constexprs, kernel)
         return
     stream = driver.active.get_current_stream(device)
-    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    hooked = (enter_hook is not None and getattr(enter_hook, "calls", True)) or (
-        exit_hook is not None and getattr(exit_hook, "calls", True))
     compiled = launcher.compiled
-    if launcher.bare is None or hooked:
+    if launcher.bare is None or _hooked():
         params = (*args, *launcher.tail)
         compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata((grid, 1, 1), stream, *params), enter_hook, exit_hook, *params)
+                     compiled.launch_metadata((grid, 1, 1), stream, *params), knobs.runtime.launch_enter_hook,
+                     knobs.runtime.launch_exit_hook, *params)
         return
     launcher.bare(grid, 1, 1, stream, *launcher.head, *args, *launcher.tail)
 
@@ -92,17 +101,14 @@ def prepared(kernel, grid: int, args: tuple, late: int, late_dtype: torch.dtype,
         return ordinary
     device = torch.cuda.current_device()
     specialisations = _specialisations(args[:late]) + [(late_dtype, True)] + _specialisations(args[late + 1:])
-    launcher = _compiled.get((kernel, device, num_warps, None, *constexprs.items(), *specialisations))
+    launcher = _compiled.get(_key(kernel, device, num_warps, None, constexprs, specialisations))
     if launcher is None or launcher.bare is None:  # not compiled yet (it is by the first launch), or not bare
         return ordinary
     before = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[:late])  # the launcher takes ints
     after = tuple(a.data_ptr() if type(a) is _Tensor else a for a in args[late + 1:])
 
     def run(value):
-        enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        if (value.dtype != late_dtype or value.data_ptr() % 16 or torch.cuda.current_device() != device
-                or (enter_hook is not None and getattr(enter_hook, "calls", True))
-                or (exit_hook is not None and getattr(exit_hook, "calls", True))):
+        if value.dtype != late_dtype or value.data_ptr() % 16 or torch.cuda.current_device() != device or _hooked():
             with torch.cuda.device(device):
                 ordinary(value)
             return

@@ -332,10 +332,10 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, 
 def row_stats_and_valid(logits: torch.Tensor, targets: torch.Tensor, opts,
                         reference_loss: Optional[torch.Tensor] = None, need_entropy: bool = True):
     """``(row_stats(...), valid)`` with ``valid = targets != opts.ignore_index`` [N] written by the
-    statistics kernel: one launch fewer than forming it first."""
+    statistics kernel: one launch fewer than forming it first. None where it does not apply
+    (under torch.compile, which fuses the comparison itself; an ``ignore_index`` beyond int64)."""
     if torch.compiler.is_compiling() or not _INT64[0] <= opts.ignore_index < _INT64[1]:
-        valid = targets != opts.ignore_index
-        return row_stats(logits, targets, valid, opts, reference_loss, need_entropy), valid
+        return None
     valid = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)
     stats = _row_stats(logits, targets, valid, reference_loss, opts.scoring, opts.label_smoothing, opts.z_loss,
                        opts.logit_scale, opts.logit_softcap or 0.0, need_entropy, ignore_index=opts.ignore_index)
