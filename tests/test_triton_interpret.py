@@ -299,6 +299,34 @@ def test_one_launch_selection_matches_the_pytorch_selection(n, levels, ratio, de
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 4), seq_len=st.integers(1, 45), levels=st.integers(1, 5), min_rows=st.integers(0, 50),
+       invalid=st.floats(0.0, 1.0), nan=st.booleans(), seed=st.integers(0, 999), chunk=st.sampled_from([None, 16]))
+def test_forced_rows_kernel_matches_pytorch(batch, seq_len, levels, min_rows, invalid, nan, seed, chunk):
+    """``sequence_aware``'s forced rows from the one-launch kernel (a program a sequence, read
+    from a strided score column, in steps of ``chunk`` rows) are the PyTorch ones: each
+    sequence's ``min(m, its valid count)`` hardest valid rows, NaN hardest, ties to the lower
+    row, none when m is 0."""
+    from cggr.ops import triton_backend
+    from cggr.selection import forced_rows
+
+    g = torch.Generator().manual_seed(seed)
+    n = batch * seq_len
+    block = torch.rand(n, 9, generator=g)
+    block[:, 7] = torch.randint(0, levels, (n,), generator=g) / max(levels - 1, 1)
+    if nan:
+        block[torch.randint(0, n, (max(1, n // 6),), generator=g), 7] = float("nan")
+    valid = torch.rand(n, generator=g) >= invalid
+    scores = block[:, 7]
+    config = triton_backend.launch_config if chunk is None else _fixed_block(chunk)
+    with mock.patch.object(triton_backend, "launch_config", config):
+        got = triton_backend._forced_rows(scores, valid, (batch, seq_len), min_rows)
+    want = forced_rows(scores, valid, (batch, seq_len), min_rows)
+    assert torch.equal(got, want)
+    per_sequence = torch.minimum(valid.view(batch, seq_len).sum(1), torch.tensor(min_rows))
+    assert torch.equal(got.view(batch, seq_len).sum(1), per_sequence)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("ignore_index", [-100, 3, 7])
 def test_bad_targets_counted_in_one_launch(dtype, ignore_index, monkeypatch):

@@ -15,12 +15,13 @@ import torch
 import triton
 
 from ..scoring import SCORINGS, RowStats, scoring_reads
-from ..selection import forced_rows, random_keys
+from ..selection import random_keys
 from . import reference, triton_interpreting
 from .launch import launch, prepared
 from .reference import compute_dtype
 from .triton_kernels import (
     count_bad_targets_kernel,
+    forced_rows_kernel,
     logits_grad_kernel,
     row_stats_kernel,
     scale_kernel,
@@ -529,10 +530,26 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
         else:
             forced = valid  # read only for sequence_aware: each sequence's hardest rows, kept first
             if opts.selection == "sequence_aware":
-                forced = forced_rows(stats.score, valid, seq_shape, opts.min_tokens_per_sequence)
+                forced = _forced_rows(stats.score, valid, seq_shape, opts.min_tokens_per_sequence)
             keys = random_keys(n_rows, device, opts.generator) if opts.selection == "random" else stats.score
             launch(select_topk_kernel, 1, keys, base, valid, forced, ratio_ptr, ratio_bits, *outputs, **constants)
     return mask, weight, coef, row_loss, n_valid, n_selected
+
+
+def _forced_rows(scores: torch.Tensor, valid: torch.Tensor, seq_shape, min_rows: int) -> torch.Tensor:
+    """:func:`cggr.selection.forced_rows` in one launch, a program a sequence (``scores`` may be
+    a strided column)."""
+    batch, seq_len = seq_shape
+    forced = torch.empty_like(valid)
+    launch(forced_rows_kernel, batch, scores, valid, forced, seq_len, min_rows, **_forced_constants(
+        launch_config, seq_len, scores.stride(0)))
+    return forced
+
+
+@functools.lru_cache(maxsize=64)
+def _forced_constants(config_of, seq_len: int, score_stride: int) -> dict:
+    config = config_of(seq_len, "select", block_name="CHUNK")
+    return dict(SCORE_STRIDE=score_stride, ONE_STEP=seq_len <= config["CHUNK"], **config)
 
 
 @functools.lru_cache(maxsize=256)

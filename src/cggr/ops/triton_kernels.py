@@ -408,14 +408,21 @@ def _grad_piece(in_ptr, out_ptr, offs, mask, target, lse, coef, p_scale, smooth,
 
 
 @triton.jit
+def _count_set(flags_ptr, n_rows, CHUNK: tl.constexpr):
+    """How many of the ``n_rows`` bool flags are set (int64)."""
+    cols = tl.arange(0, CHUNK)
+    count = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    for start in range(0, n_rows, CHUNK):
+        offs = start + cols
+        count += tl.sum((tl.load(flags_ptr + offs, mask=offs < n_rows, other=0) != 0).to(tl.int64), 0)
+    return count
+
+
+@triton.jit
 def _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR: tl.constexpr, CHUNK: tl.constexpr):
     """(n_valid, k, ratio): the valid count, k = min(n_valid, max(1, ceil(ratio * n_valid - 1e-6)))
     in float64, and the ratio (float64: read from ``ratio_ptr``, or the bits of a Python float)."""
-    cols = tl.arange(0, CHUNK)
-    n_valid = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
-    for start in range(0, n_rows, CHUNK):
-        offs = start + cols
-        n_valid += tl.sum((tl.load(valid_ptr + offs, mask=offs < n_rows, other=0) != 0).to(tl.int64), 0)
+    n_valid = _count_set(valid_ptr, n_rows, CHUNK)
     if RATIO_FROM_PTR:
         ratio = tl.load(ratio_ptr).to(tl.float64)
     else:
@@ -454,16 +461,47 @@ def select_topk_kernel(
         first_key, first_valid = cols, cols < 0
     n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
     if FORCED:  # the forced rows are valid ones (cggr.selection.forced_rows)
-        n_forced = k - k
-        for start in range(0, n_rows, CHUNK):
-            offs = start + cols
-            n_forced += tl.sum((tl.load(forced_ptr + offs, mask=offs < n_rows, other=0) != 0).to(tl.int64), 0)
-        k = tl.maximum(k, n_forced)
+        k = tl.maximum(k, _count_set(forced_ptr, n_rows, CHUNK))
+    prefix, remaining = _kth_largest(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, n_rows, k, n_valid,
+                                     KEY_STRIDE, KEYS_ARE_SCORES, CHUNK, ONE_STEP, FORCED)
 
+    if REDUCTION == 0:
+        scale = 1.0 / tl.maximum(k, 1).to(tl.float32)
+    else:
+        scale = 1.0
+    taken = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
+    total = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
+    for start in range(0, n_rows, CHUNK):
+        offs = start + cols
+        in_range = offs < n_rows
+        key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE,
+                                KEYS_ARE_SCORES, ONE_STEP, FORCED)
+        chosen, taken = _take(key, valid, prefix, remaining, taken)
+        row_loss = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
+        weighted = tl.where(chosen, row_loss, 0.0)
+        total += tl.sum(weighted, 0)
+        weight = chosen.to(tl.float32)
+        tl.store(mask_ptr + offs, chosen, mask=in_range)
+        tl.store(weight_ptr + offs, weight, mask=in_range)
+        tl.store(coef_ptr + offs, weight * scale, mask=in_range)
+        if REDUCTION == 2:
+            tl.store(row_loss_ptr + offs, weighted, mask=in_range)
+    tl.store(loss_ptr, total * scale)
+    tl.store(n_valid_ptr, n_valid)
+    tl.store(n_selected_ptr, k)
+
+
+@triton.jit
+def _kth_largest(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, n_rows, k, n_valid,
+                 KEY_STRIDE: tl.constexpr, KEYS_ARE_SCORES: tl.constexpr, CHUNK: tl.constexpr,
+                 ONE_STEP: tl.constexpr, FORCED: tl.constexpr):
+    """(prefix, remaining): the k-th largest key of the valid rows, by a 4-pass radix select on
+    its bits, and how many rows equal to it are kept (the first ones). When every valid row is
+    kept (k >= n_valid) no search is needed: prefix is -1, below every key. For 0 < k."""
+    cols = tl.arange(0, CHUNK)
     bins = tl.arange(0, 256)
     # prefix: the high bits of the k-th largest key found so far; remaining: rows still to place
-    # at or below it. When every valid row is kept (ratio 1) no search is needed: every key is
-    # above -1.
+    # at or below it.
     prefix = tl.sum(tl.zeros((CHUNK,), tl.int32), 0) - 1
     remaining = k - k
     if k < n_valid:
@@ -482,35 +520,46 @@ def select_topk_kernel(
             digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
             remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
             prefix = prefix | (digit << shift)
+    return prefix, remaining
 
-    # Rows above the threshold key, then the first `remaining` rows equal to it.
-    if REDUCTION == 0:
-        scale = 1.0 / tl.maximum(k, 1).to(tl.float32)
-    else:
-        scale = 1.0
-    taken = tl.sum(tl.zeros((CHUNK,), tl.int64), 0)
-    total = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
-    for start in range(0, n_rows, CHUNK):
+
+@triton.jit
+def _take(key, valid, prefix, remaining, taken):
+    """(chosen, taken): of the rows of one step, those above the threshold key ``prefix`` and the
+    first ``remaining`` equal to it, counting the ``taken`` ties of earlier steps."""
+    tie = valid & (key == prefix)
+    tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
+    chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
+    return chosen, taken + tl.sum(tie.to(tl.int64), 0)
+
+
+@triton.jit
+def forced_rows_kernel(scores_ptr, valid_ptr, forced_ptr, seq_len, min_rows,
+                       SCORE_STRIDE: tl.constexpr, CHUNK: tl.constexpr, ONE_STEP: tl.constexpr):
+    """``sequence_aware``'s forced rows (cggr.selection.forced_rows), one program a sequence: its
+    ``min(min_rows, its valid count)`` rows of largest score, NaN largest, ties to the lower
+    row, found as :func:`select_topk_kernel` finds its k. Scores are ``SCORE_STRIDE`` apart;
+    sequences are ``seq_len`` consecutive rows."""
+    first_row = tl.program_id(0).to(tl.int64) * seq_len
+    scores_ptr += first_row * SCORE_STRIDE
+    valid_ptr += first_row
+    forced_ptr += first_row
+    cols = tl.arange(0, CHUNK)
+    if ONE_STEP:
+        first_key, first_valid = _topk_key(scores_ptr, valid_ptr, cols, seq_len, SCORE_STRIDE, True)
+    else:  # never read: every step loads its own keys
+        first_key, first_valid = cols, cols < 0
+    n_valid = _count_set(valid_ptr, seq_len, CHUNK)
+    k = tl.minimum(n_valid, min_rows)
+    prefix, remaining = _kth_largest(first_key, first_valid, scores_ptr, valid_ptr, valid_ptr, seq_len, k, n_valid,
+                                     SCORE_STRIDE, True, CHUNK, ONE_STEP, False)
+    taken = k - k
+    for start in range(0, seq_len, CHUNK):
         offs = start + cols
-        in_range = offs < n_rows
-        key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, offs, n_rows, KEY_STRIDE,
-                                KEYS_ARE_SCORES, ONE_STEP, FORCED)
-        tie = valid & (key == prefix)
-        tie_rank = taken + tl.cumsum(tie.to(tl.int64), 0) - tie.to(tl.int64)
-        chosen = valid & ((key > prefix) | (tie & (tie_rank < remaining)))
-        taken += tl.sum(tie.to(tl.int64), 0)
-        row_loss = tl.load(stats_ptr + offs.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
-        weighted = tl.where(chosen, row_loss, 0.0)
-        total += tl.sum(weighted, 0)
-        weight = chosen.to(tl.float32)
-        tl.store(mask_ptr + offs, chosen, mask=in_range)
-        tl.store(weight_ptr + offs, weight, mask=in_range)
-        tl.store(coef_ptr + offs, weight * scale, mask=in_range)
-        if REDUCTION == 2:
-            tl.store(row_loss_ptr + offs, weighted, mask=in_range)
-    tl.store(loss_ptr, total * scale)
-    tl.store(n_valid_ptr, n_valid)
-    tl.store(n_selected_ptr, k)
+        key, valid = _step_keys(first_key, first_valid, scores_ptr, valid_ptr, valid_ptr, offs, seq_len,
+                                SCORE_STRIDE, True, ONE_STEP, False)
+        chosen, taken = _take(key, valid, prefix, remaining, taken)
+        tl.store(forced_ptr + offs, chosen & (k > 0), mask=offs < seq_len)
 
 
 @triton.jit
