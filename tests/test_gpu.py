@@ -171,26 +171,31 @@ def test_prepared_backward_scaling_on_gpu(dtype):
         torch.testing.assert_close(grads[0], grads[1], rtol=TOL[dtype], atol=TOL[dtype] / 100)
 
 
-def test_prepared_small_head_scaling_on_gpu():
-    """A small head's gradients, formed in the forward and scaled in the backward through
-    launches prepared in the forward (into buffers allocated there, then new ones for a second
-    backward), match the reference for upstream gradients of 1, 2.5 and one not 16-byte aligned."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepared_small_head_scaling_on_gpu(with_bias):
+    """A small head's gradients (hidden [B, T, H], weight and bias), formed in the forward and
+    scaled in the backward by one launch prepared in the forward (into buffers allocated there,
+    then new ones for a second backward), match the reference for upstream gradients of 1, 2.5
+    and one not 16-byte aligned."""
     g = torch.Generator(device="cuda").manual_seed(4)
-    hidden = torch.randn(256, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    hidden = torch.randn(4, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
     weight = torch.randn(1000, 64, device="cuda", generator=g, dtype=torch.bfloat16) / 8
-    targets = torch.randint(0, 1000, (256,), device="cuda", generator=g)
+    bias = torch.randn(1000, device="cuda", generator=g, dtype=torch.bfloat16) if with_bias else None
+    targets = torch.randint(0, 1000, (4, 64), device="cuda", generator=g)
     upstream = torch.tensor([0.0, 2.5], device="cuda")
     for scale in [None, torch.tensor(2.5, device="cuda"), upstream[1], None]:
         grads = []
         for backend in ("triton", "torch"):
-            h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-            loss = cggr_linear_cross_entropy(h, w, targets, 1.0, backend=backend)
+            inputs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+            loss = cggr_linear_cross_entropy(inputs[0], inputs[1], targets, 1.0, *inputs[2:], backend=backend)
             loss.backward(scale, retain_graph=True)
-            first = (h.grad.float(), w.grad.float())
-            h.grad = w.grad = None
+            first = [t.grad.float() for t in inputs]
+            for t in inputs:
+                t.grad = None
             loss.backward(scale)
-            torch.testing.assert_close((h.grad.float(), w.grad.float()), first)
+            torch.testing.assert_close([t.grad.float() for t in inputs], first)
             grads.append(first)
+        assert grads[0][0].shape == hidden.shape
         torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-4)
 
 

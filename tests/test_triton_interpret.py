@@ -363,7 +363,8 @@ def test_scaling_by_a_device_scalar(dtype, value, programs, monkeypatch):
     from cggr.ops import reference, triton_backend
 
     if programs is not None:
-        monkeypatch.setattr(triton_backend, "_scale_programs", lambda n_blocks, out: min(n_blocks, programs))
+        monkeypatch.setattr(triton_backend, "_scale_programs",
+                            lambda n, out: min(-(-n // triton_backend._SCALE_BLOCK), programs))
 
     g = torch.Generator().manual_seed(12)
     scale = torch.tensor(value)
@@ -378,6 +379,44 @@ def test_scaling_by_a_device_scalar(dtype, value, programs, monkeypatch):
         torch.testing.assert_close(backend.add_mul_(out.clone(), x, scale), (out + value * x.float()).to(dtype), **tol)
     strided = x.clone().t()
     torch.testing.assert_close(triton_backend.mul_(strided, scale), x.t() * value)
+
+
+@pytest.mark.parametrize("programs", [None, 2])
+def test_scaled_later_scales_several_tensors_in_one_launch(programs, monkeypatch):
+    """``scaled_later`` of gradients of different sizes and dtypes, with a None among them: one
+    launch (each program walking every tensor, with ``programs`` several blocks of each), the
+    reference's result, the inputs untouched, and a second call (a second backward) new tensors."""
+    from cggr.ops import launch as launch_module
+    from cggr.ops import reference, triton_backend
+
+    if programs is not None:
+        monkeypatch.setattr(triton_backend, "_scale_programs",
+                            lambda n, out: min(-(-n // triton_backend._SCALE_BLOCK), programs))
+    g = torch.Generator().manual_seed(22)
+    tensors = (torch.randn(3, 5000, generator=g).to(torch.bfloat16), None, torch.randn(9001, generator=g),
+               torch.randn(7, generator=g).to(torch.bfloat16))
+    before = [None if t is None else t.clone() for t in tensors]
+    launches = []
+    for module in (launch_module, triton_backend):  # prepared launches, then ordinary ones
+        monkeypatch.setattr(module, "launch", lambda *a, real=module.launch, **k: (launches.append(a[0]),
+                                                                                    real(*a, **k)))
+    for value in (2.5, 1.0):
+        scale = torch.tensor(value)
+        want = reference.scaled_later(*tensors)(scale)
+        scale_all = triton_backend.scaled_later(*tensors)
+        outputs = []
+        for call in range(2):
+            launches.clear()
+            got = scale_all(scale)
+            assert launches == [triton_backend.scale_kernel]
+            assert got[1] is None and len(got) == len(tensors)
+            for a, b in zip(got, want):
+                if b is not None:
+                    assert a.dtype == b.dtype
+                    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+            outputs.append(got)
+        assert all(a is None or a.data_ptr() != b.data_ptr() for a, b in zip(*outputs))
+        assert all(b is None and t is None or torch.equal(t, b) for t, b in zip(tensors, before))
 
 
 @pytest.mark.parametrize("n,ratio,strata", [(20, 0.25, 4), (4, 0.75, 4), (13, 0.5, 3), (50, 0.1, 5), (7, 1.0, 2),

@@ -353,19 +353,18 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     vocab_size = weight.shape[0]
     impl, seq_shape, flat_targets, reference_loss = prepare(hidden, targets, vocab_size, opts, backend, check_targets,
                                                             reference_loss)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    n_rows = hidden2d.shape[0]
+    n_rows = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() != 2 else hidden.shape[0]
     chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size), max(n_rows, 1))
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio
     plan = HeadPlan(chunk_rows, max_selected_rows(ratio_bound, opts, n_rows, seq_shape), weight_grad,
                     whole=(weight_grad != "in_place" and n_rows <= chunk_rows
-                           and n_rows * hidden2d.shape[1] * vocab_size <= _MATERIALISE_MAX_MACS),
+                           and n_rows * hidden.shape[-1] * vocab_size <= _MATERIALISE_MAX_MACS),
                     tracked=(torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                             and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))),
+                             and any(t is not None and t.requires_grad for t in (hidden, weight, bias))),
                     weight_cast=weight_cast)
     with autocast_off(hidden.device.type):  # the inputs are in the autocast dtype already
-        loss, info = cggr_linear_cross_entropy_apply(hidden2d, weight, bias, flat_targets, reference_loss, impl, ratio,
+        loss, info = cggr_linear_cross_entropy_apply(hidden, weight, bias, flat_targets, reference_loss, impl, ratio,
                                                      opts, seq_shape, plan, with_info=return_info, sink=sink)
     return _finish(loss, info, targets.shape, opts, return_info)
 

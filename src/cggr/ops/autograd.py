@@ -10,8 +10,9 @@ A backend is any object with
   ``logits`` may hold V' consecutive columns of ``vocab_size``, with the targets counted from
   the first of them.
 * ``mul_(tensor, scale)`` and ``add_mul_(out, src, scale)``: in-place scaling by a 0-d tensor;
-  ``scaled(tensor, scale)``: the same into a new tensor; ``scaler(tensor)`` and
-  ``scaled_later(tensor)``: functions of ``scale`` that do ``mul_`` and ``scaled`` of ``tensor``.
+  ``scaled(tensor, scale)``: the same into a new tensor; ``scaler(tensor)``: a function of
+  ``scale`` that does ``mul_`` of ``tensor``; ``scaled_later(*tensors)``: one that returns the
+  ``scaled`` of each (None for None).
 * optionally ``select(stats, valid, ratio, opts)``: see :func:`cggr.core.select_and_reduce`, and
   ``row_stats_and_valid(logits, targets, opts, reference_loss=None, need_entropy=True)``:
   ``row_stats`` that also forms ``valid`` (None where it does not apply).
@@ -408,38 +409,42 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def cggr_linear_cross_entropy_apply(hidden2d, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
+def cggr_linear_cross_entropy_apply(hidden, weight, bias, targets_flat, reference_loss, backend, ratio, opts,
                                     seq_shape, plan: HeadPlan, with_info=True, sink=None):
+    """The loss of ``hidden`` ``[..., H]`` (its rows flattened)."""
     call = Call(backend, ratio, opts, seq_shape, reference_loss, with_info, sink, plan=plan)
-    if plan.whole and plan.tracked and opts.reduction != "none" and hidden2d.shape[0] > 0:
-        return small_head_apply(hidden2d, weight, bias, targets_flat, call)
+    if plan.whole and plan.tracked and opts.reduction != "none" and hidden.numel() > 0:
+        return small_head_apply(hidden, weight, bias, targets_flat, call)
+    hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     outputs = CGGRLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets_flat, call)
     return _unpack(outputs, with_info)
 
 
 class _ScaledGradients(torch.autograd.Function):
     """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already: the
-    backward scales them by the upstream gradient through ``scalers`` (one per input, the
-    backend's ``scaled_later`` of each, None where not needed), out of place, so that a second
-    backward (retain_graph) gets them again."""
+    backward scales them by the upstream gradient through ``scale_all`` (the backend's
+    ``scaled_later`` of them, one launch), out of place, so that a second backward
+    (retain_graph) gets them again."""
 
     @staticmethod
-    def forward(ctx, loss, scalers, *inputs):
-        ctx.scalers = scalers
+    def forward(ctx, loss, scale_all, *inputs):
+        ctx.scale_all = scale_all
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, *(None if scale_by is None else scale_by(grad_loss) for scale_by in ctx.scalers)
+        return None, None, *ctx.scale_all(grad_loss)
 
 
-def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
+def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
     """A small head (its logits one chunk) with a scalar loss, under autograd: logits, selection,
     logits gradient and the gradients of hidden, weight and bias, all in the forward. Host time
     sets the pace at this size: work queued in the forward keeps the GPU busy while autograd
-    hands the backward to its device thread, and the backward is a few small multiplies."""
+    hands the backward to its device thread, and the backward is one small launch. ``hidden``
+    ``[..., H]`` is flattened here, outside autograd: one node less for its device thread."""
     backend, opts, plan = call.backend, call.opts, call.plan
     with torch.no_grad():
+        hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
         cast_weight = _cast_weight(weight, plan)
         logits = _project(hidden2d, cast_weight, bias)
         stats, valid = stats_and_valid(backend, logits, targets_flat, opts, call.reference_loss, call.needs_info)
@@ -449,12 +454,14 @@ def small_head_apply(hidden2d, weight, bias, targets_flat, call: Call):
                                           out=logits)
         del logits
         grads = _HeadGrads(backend, hidden2d, cast_weight, bias is not None and bias.requires_grad,
-                           hidden2d.requires_grad, weight.requires_grad, plan.weight_grad, whole=True)
+                           hidden.requires_grad, weight.requires_grad, plan.weight_grad, whole=True)
         grads.add(None, hidden2d, grad_logits)
         del grad_logits
-        formed = grads.result(weight.dtype, None if bias is None else bias.dtype)
-    scalers = tuple(None if grad is None else backend.scaled_later(grad) for grad in formed)
-    loss = _ScaledGradients.apply(reduced.loss, scalers, hidden2d, weight, bias)
+        grad_hidden, grad_weight, grad_bias = grads.result(weight.dtype, None if bias is None else bias.dtype)
+        if grad_hidden is not None and hidden.dim() != 2:
+            grad_hidden = grad_hidden.view(hidden.shape)
+    loss = _ScaledGradients.apply(reduced.loss, backend.scaled_later(grad_hidden, grad_weight, grad_bias), hidden,
+                                  weight, bias)
     if call.sink is not None:
         call.sink.append((stats, reduced))
     return loss, (build_info(stats, reduced) if call.with_info else None)

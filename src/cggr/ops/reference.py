@@ -144,9 +144,15 @@ def scaler(tensor: torch.Tensor):
     return lambda scale: mul_(tensor, scale)
 
 
-def scaled_later(tensor: torch.Tensor):
-    """``lambda scale: scaled(tensor, scale)`` (a backend may do part of the work now)."""
-    return lambda scale: scaled(tensor, scale)
+def scaled_each(scale_one, tensors, scale: torch.Tensor) -> tuple:
+    """``scale_one(t, scale)`` of each of ``tensors``, None for None."""
+    return tuple(None if t is None else scale_one(t, scale) for t in tensors)
+
+
+def scaled_later(*tensors: Optional[torch.Tensor]):
+    """``lambda scale: tuple(scaled(t, scale) for t in tensors)``, None staying None (a backend
+    may do part of the work now)."""
+    return lambda scale: scaled_each(scaled, tensors, scale)
 
 
 def add_mul_(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

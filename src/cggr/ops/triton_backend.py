@@ -379,17 +379,35 @@ def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, acc
     otherwise."""
     if not _scalable(out, src) or scale.numel() != 1:
         return False
-    n = out.numel()
-    if n:
-        with _device_guard(out):
-            launch(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), out, src, scale, n,
-                   BLOCK=_SCALE_BLOCK, ACCUMULATE=accumulate, IN_PLACE=out is src, num_warps=4)
+    if out.numel():
+        _launch_scale_pairs([(out, src)], scale, accumulate)
     return True
 
 
-def _scale_programs(n_blocks: int, out: torch.Tensor) -> int:
-    """Programs of the scaling kernel: a few per SM on CUDA (enough to stream the blocks, few to
-    start when the scale is 1 and they return at once); one a block in the interpreter."""
+def _launch_scale_pairs(pairs, scale: torch.Tensor, accumulate: bool) -> None:
+    """One launch of the scaling kernel over the (out, src) ``pairs`` (1 to 3, non-empty)."""
+    out = pairs[0][0]
+    with _device_guard(out):
+        launch(scale_kernel, _scale_programs(max(o.numel() for o, _ in pairs), out), scale, *_scale_triples(pairs),
+               **_scale_constants(accumulate, all(o is s for o, s in pairs), len(pairs)))
+
+
+def _scale_triples(pairs) -> tuple:
+    """The scaling kernel's three (out, src, n) argument triples: ``pairs`` and None for the rest."""
+    triples = tuple(x for out, src in pairs for x in (out, src, out.numel()))
+    return triples + (None, None, 0) * (3 - len(pairs))
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_constants(accumulate: bool, in_place: bool, count: int) -> dict:
+    return dict(BLOCK=_SCALE_BLOCK, ACCUMULATE=accumulate, IN_PLACE=in_place, COUNT=count, num_warps=4)
+
+
+def _scale_programs(n_elements: int, out: torch.Tensor) -> int:
+    """Programs of the scaling kernel over ``n_elements`` (the largest tensor's): a few per SM
+    on CUDA (enough to stream the blocks, few to start when the scale is 1 and they return at
+    once); one a block in the interpreter."""
+    n_blocks = -(-n_elements // _SCALE_BLOCK)
     if not out.is_cuda:
         return n_blocks
     return min(n_blocks, _SCALE_PROGRAMS_PER_SM * _sm_count(out.device.index))
@@ -406,7 +424,7 @@ def scaler(tensor: torch.Tensor):
     of Python costs several times what it costs the caller's."""
     if not _scalable(tensor, tensor) or tensor.numel() == 0:
         return functools.partial(mul_, tensor)
-    run = _prepared_scale(tensor, tensor)
+    run = _prepared_scale([(tensor, tensor)])
 
     def scale_by(scale: torch.Tensor) -> torch.Tensor:
         if scale.numel() != 1:
@@ -416,29 +434,43 @@ def scaler(tensor: torch.Tensor):
     return scale_by
 
 
-def scaled_later(tensor: torch.Tensor):
-    """``lambda scale: scaled(tensor, scale)``, the first call's output allocated and its launch
-    prepared now (see :func:`scaler`); a later call (a second backward) forms a new tensor."""
-    if not _scalable(tensor, tensor) or tensor.numel() == 0:
-        return functools.partial(scaled, tensor)
-    first = [torch.empty_like(tensor)]
-    run = _prepared_scale(first[0], tensor)
+def scaled_later(*tensors: Optional[torch.Tensor]):
+    """``lambda scale: tuple(scaled(t, scale) for t in tensors)`` (None stays None) in one launch,
+    the first call's outputs allocated and its launch prepared now (see :func:`scaler`); a later
+    call (a second backward) forms new tensors."""
+    present = [t for t in tensors if t is not None]
+    if not present or any(not _scalable(t, t) or t.numel() == 0 for t in present):
+        return functools.partial(reference.scaled_each, scaled, tensors)
 
-    def scale_by(scale: torch.Tensor) -> torch.Tensor:
-        if not first or scale.numel() != 1:
-            return scaled(tensor, scale)
-        run(scale)
-        return first.pop()
+    def outputs():
+        return tuple(None if t is None else torch.empty_like(t) for t in tensors)
+
+    def pairs(outs):
+        return [(out, src) for out, src in zip(outs, tensors) if src is not None]
+    first = [outputs()]
+    run = _prepared_scale(pairs(first[0]))
+
+    def scale_by(scale: torch.Tensor) -> tuple:
+        if scale.numel() != 1:
+            return reference.scaled_each(scaled, tensors, scale)
+        if first:
+            run(scale)
+            return first.pop()
+        outs = outputs()
+        _launch_scale_pairs(pairs(outs), scale, False)
+        return outs
     return scale_by
 
 
-def _prepared_scale(out: torch.Tensor, src: torch.Tensor):
-    """The scaling kernel's launch ``out = scale * src``, prepared but for ``scale`` (a float32
-    upstream gradient: the loss's dtype wherever the kernel applies)."""
-    n = out.numel()
+def _prepared_scale(pairs):
+    """The scaling kernel's launch ``out = scale * src`` for each (out, src) of ``pairs`` (1 to
+    3), prepared but for ``scale`` (a float32 upstream gradient: the loss's dtype wherever the
+    kernel applies)."""
+    out = pairs[0][0]
+    n = max(o.numel() for o, _ in pairs)
     with _device_guard(out):
-        return prepared(scale_kernel, _scale_programs(-(-n // _SCALE_BLOCK), out), (out, src, None, n), 2,
-                        torch.float32, BLOCK=_SCALE_BLOCK, ACCUMULATE=False, IN_PLACE=out is src, num_warps=4)
+        return prepared(scale_kernel, _scale_programs(n, out), (None, *_scale_triples(pairs)), 0, torch.float32,
+                        **_scale_constants(False, all(o is s for o, s in pairs), len(pairs)))
 
 
 def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

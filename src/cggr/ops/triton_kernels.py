@@ -806,23 +806,33 @@ def select_importance_kernel(
 
 
 @triton.jit
-def scale_kernel(out_ptr, src_ptr, scale_ptr, n_elements, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 IN_PLACE: tl.constexpr):
-    """``out += scale * src`` (ACCUMULATE) or ``out = scale * src``, ``scale`` read from memory;
-    each program walks every ``num_programs``-th block. The second form in place (IN_PLACE: ``src``
-    is ``out``) with a scale of 1 stores nothing, and with few programs costs next to nothing
-    (autograd's usual upstream gradient). (PyTorch's own multiply by a 0-d tensor takes a strided
-    path: about 2.5 times the copy time.)"""
+def scale_kernel(scale_ptr, out_ptr, src_ptr, n_elements, out1_ptr, src1_ptr, n1, out2_ptr, src2_ptr, n2,
+                 BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, IN_PLACE: tl.constexpr, COUNT: tl.constexpr):
+    """``out += scale * src`` (ACCUMULATE) or ``out = scale * src`` for the first COUNT (1 to 3)
+    of the (out, src, n) triples, ``scale`` read from memory; each program walks every
+    ``num_programs``-th block of each. The second form in place (IN_PLACE: ``src`` is ``out``)
+    with a scale of 1 stores nothing, and with few programs costs next to nothing (autograd's
+    usual upstream gradient). (PyTorch's own multiply by a 0-d tensor takes a strided path:
+    about 2.5 times the copy time.)"""
     scale = tl.load(scale_ptr).to(tl.float32)
     if ACCUMULATE or not IN_PLACE or scale != 1.0:
-        step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
-            offs = start + tl.arange(0, BLOCK)
-            in_range = offs < n_elements
-            value = scale * tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-            if ACCUMULATE:
-                value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
+        _scale_span(out_ptr, src_ptr, n_elements, scale, BLOCK, ACCUMULATE)
+        if COUNT > 1:
+            _scale_span(out1_ptr, src1_ptr, n1, scale, BLOCK, ACCUMULATE)
+        if COUNT > 2:
+            _scale_span(out2_ptr, src2_ptr, n2, scale, BLOCK, ACCUMULATE)
+
+
+@triton.jit
+def _scale_span(out_ptr, src_ptr, n_elements, scale, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
+        offs = start + tl.arange(0, BLOCK)
+        in_range = offs < n_elements
+        value = scale * tl.load(src_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        if ACCUMULATE:
+            value += tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
