@@ -171,6 +171,34 @@ def test_prepared_backward_scaling_on_gpu(dtype):
         torch.testing.assert_close(grads[0], grads[1], rtol=TOL[dtype], atol=TOL[dtype] / 100)
 
 
+@pytest.mark.parametrize("strata", [1, 4, 7, 64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_stratified_program_per_stratum_on_gpu(strata, reduction):
+    """The stratified selection, one program a stratum over 8000 rows, keeps the PyTorch
+    selection's rows (same generator), and its loss, summed by the last program to finish, is
+    the same to the bit in every repeat."""
+    from cggr.core import LossOptions, _select_and_reduce_rows
+    from cggr.ops import triton_backend
+    from cggr.scoring import RowStats
+
+    g = torch.Generator(device="cuda").manual_seed(strata)
+    columns = torch.rand(8000, len(RowStats._fields), device="cuda", generator=g)
+    columns[:, 7] = torch.randint(0, 50, (8000,), device="cuda", generator=g) / 49  # ties
+    valid = torch.rand(8000, device="cuda", generator=g) > 0.1
+    stats = RowStats.from_columns(columns)
+    losses = []
+    for _ in range(5):
+        opts = [LossOptions(selection="stratified", num_strata=strata, reduction=reduction,
+                            generator=torch.Generator(device="cuda").manual_seed(7)) for _ in range(2)]
+        got = triton_backend.select(stats, valid, 0.3, opts[0])
+        want = _select_and_reduce_rows(stats, valid, 0.3, opts[1], None)
+        assert torch.equal(got[0], want[0])
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
+        losses.append(got[3].sum() if reduction == "none" else got[3])
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepared_small_head_scaling_on_gpu(with_bias):
     """A small head's gradients (hidden [B, T, H], weight and bias), formed in the forward and

@@ -557,8 +557,10 @@ def select(stats: RowStats, valid: torch.Tensor, ratio, opts, seq_shape=None):
             launch(select_importance_kernel, 1, base, valid, ratio_ptr, ratio_bits, u, *outputs, **constants)
         elif opts.selection == "stratified":
             keys = random_keys(n_rows, device, opts.generator)
-            launch(select_stratified_kernel, 1, base, valid, keys, ratio_ptr, ratio_bits, *outputs, opts.num_strata,
-                   **constants)
+            partials = torch.empty(opts.num_strata, dtype=torch.float32, device=device)
+            arrived = torch.zeros((), dtype=torch.int32, device=device)
+            launch(select_stratified_kernel, opts.num_strata, base, valid, keys, ratio_ptr, ratio_bits, *outputs,
+                   opts.num_strata, partials, arrived, **constants)
         else:
             forced = valid  # read only for sequence_aware: each sequence's hardest rows, kept first
             if opts.selection == "sequence_aware":

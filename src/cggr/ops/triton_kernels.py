@@ -627,27 +627,34 @@ def _radix_top(key, valid, k):
 def select_stratified_kernel(
     stats_ptr, valid_ptr, keys_ptr, ratio_ptr, ratio_bits,
     mask_ptr, weight_ptr, coef_ptr, row_loss_ptr, loss_ptr, n_valid_ptr, n_selected_ptr, n_rows, num_strata,
+    partial_ptr, arrived_ptr,
     STATS_WIDTH: tl.constexpr, SCORE_COL: tl.constexpr, LOSS_COL: tl.constexpr, RATIO_FROM_PTR: tl.constexpr,
     REDUCTION: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
 ):
-    """The whole ``stratified`` selection and reduction in one program, for at most CHUNK rows
-    (cggr.selection.select_stratified computes the same in PyTorch ops): the strata by radix
-    selects of the hardest ``b_s`` rows at each stratum boundary, the shares by largest
-    remainder with caps (over STRATA >= num_strata lanes), then in each stratum the rows of
-    largest random key ``keys_ptr`` (int32)."""
+    """The whole ``stratified`` selection and reduction for at most CHUNK rows, one program a
+    stratum (cggr.selection.select_stratified computes the same in PyTorch ops). Program ``s``
+    finds its stratum's rows by radix selects of the hardest rows at its two boundaries, the
+    shares by largest remainder with caps (over STRATA >= num_strata lanes), then its share of
+    rows of largest random key ``keys_ptr`` (int32), and writes its rows (program 0 also the
+    invalid ones). The loss: each program stores its partial sum in ``partial_ptr[s]`` and
+    counts itself in ``arrived_ptr`` (zero before the launch); the last to arrive adds the
+    partials in stratum order, so the sum does not depend on timing."""
+    stratum = tl.program_id(0)
     cols = tl.arange(0, CHUNK)
+    in_range = cols < n_rows
     score_key, valid = _topk_key(stats_ptr + SCORE_COL, valid_ptr, cols, n_rows, STATS_WIDTH, True)
-    random_key = tl.load(keys_ptr + cols, mask=cols < n_rows, other=0)
     n_valid, k, ratio = _budget(valid_ptr, ratio_ptr, ratio_bits, n_rows, RATIO_FROM_PTR, CHUNK)
     q = n_valid // num_strata
     r = n_valid - q * num_strata
-    # A valid row's stratum: num_strata - 1 minus the stratum boundaries it lies before.
-    before = tl.zeros((CHUNK,), tl.int32)
-    boundary = q - q
-    for s in range(0, num_strata - 1):
-        boundary += q + (s < r).to(q.dtype)
-        before += _radix_top(score_key, valid, boundary).to(tl.int32)
-    stratum = num_strata - 1 - before
+    # This stratum holds the rows ranked [first, last) hardest first: the first r strata q + 1 rows.
+    first = stratum * q + tl.minimum(stratum, r)
+    last = first + q + (stratum < r).to(q.dtype)
+    harder = valid & (cols < 0)
+    if first > 0:
+        harder = _radix_top(score_key, valid, first)
+    mine = valid & ~harder
+    if last < n_valid:
+        mine = mine & _radix_top(score_key, valid, last)
 
     lanes = tl.arange(0, STRATA)
     real = lanes < num_strata
@@ -667,13 +674,10 @@ def select_stratified_kernel(
     room = sizes - capped
     room_before = tl.cumsum(room, 0) - room
     final = capped + tl.minimum(tl.maximum(excess - room_before, 0), room)
+    n_selected = tl.sum(final, 0)
 
-    chosen = cols < 0
-    for s in range(0, num_strata):
-        share_s = tl.sum(tl.where(lanes == s, final, 0), 0)
-        chosen = chosen | _radix_top(random_key, valid & (stratum == s), share_s)
-    n_selected = tl.sum(chosen.to(tl.int64), 0)
-    in_range = cols < n_rows
+    random_key = tl.load(keys_ptr + cols, mask=in_range, other=0)
+    chosen = _radix_top(random_key, mine, tl.sum(tl.where(lanes == stratum, final, 0), 0))
     if REDUCTION == 0:
         scale = 1.0 / tl.maximum(n_selected, 1).to(tl.float32)
     else:
@@ -681,14 +685,20 @@ def select_stratified_kernel(
     row_loss = tl.load(stats_ptr + cols.to(tl.int64) * STATS_WIDTH + LOSS_COL, mask=in_range, other=0.0)
     weighted = tl.where(chosen, row_loss, 0.0)
     weight = chosen.to(tl.float32)
-    tl.store(mask_ptr + cols, chosen, mask=in_range)
-    tl.store(weight_ptr + cols, weight, mask=in_range)
-    tl.store(coef_ptr + cols, weight * scale, mask=in_range)
+    written = in_range & (mine | ((stratum == 0) & ~valid))
+    tl.store(mask_ptr + cols, chosen, mask=written)
+    tl.store(weight_ptr + cols, weight, mask=written)
+    tl.store(coef_ptr + cols, weight * scale, mask=written)
     if REDUCTION == 2:
-        tl.store(row_loss_ptr + cols, weighted, mask=in_range)
-    tl.store(loss_ptr, tl.sum(weighted, 0) * scale)
-    tl.store(n_valid_ptr, n_valid)
-    tl.store(n_selected_ptr, n_selected)
+        tl.store(row_loss_ptr + cols, weighted, mask=written)
+    tl.store(partial_ptr + stratum, tl.sum(weighted, 0))
+    if stratum == 0:
+        tl.store(n_valid_ptr, n_valid)
+        tl.store(n_selected_ptr, n_selected)
+    # acq_rel: the partial above is visible to the last program, which sees every other's.
+    if tl.atomic_add(arrived_ptr, 1, sem="acq_rel") == num_strata - 1:
+        partials = tl.load(partial_ptr + lanes, mask=real, other=0.0, volatile=True)
+        tl.store(loss_ptr, tl.sum(partials, 0) * scale)
 
 
 @triton.jit
