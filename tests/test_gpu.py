@@ -171,6 +171,76 @@ def test_prepared_backward_scaling_on_gpu(dtype):
         torch.testing.assert_close(grads[0], grads[1], rtol=TOL[dtype], atol=TOL[dtype] / 100)
 
 
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
+    """The small head's captured forward (first call eager, second captured, later ones
+    replayed) gives the eager calls' losses and gradients to the bit, random selections too
+    (the default generator advances as in eager calls), while the weight changes in place
+    between calls and hidden is a new tensor each time; a loss kept from an earlier call is not
+    overwritten by later replays."""
+    from cggr.ops import head_graph
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    weight0 = torch.randn(1000, 64, device="cuda", generator=g, dtype=torch.bfloat16) / 8
+    hiddens = [torch.randn(4, 96, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(5)]
+    targets = torch.randint(0, 1000, (4, 96), device="cuda", generator=g)
+    targets[:, ::9] = -100
+
+    def calls(enabled):
+        monkeypatch.setattr(head_graph, "_ENABLED", enabled)
+        head_graph.clear()
+        torch.manual_seed(11)
+        weight = weight0.clone().requires_grad_(True)
+        out = []
+        for hidden in hiddens:
+            h = hidden.clone().requires_grad_(True)
+            loss = cggr.cggr_linear_cross_entropy(h, weight, targets, 0.3, selection=selection)
+            (loss * 0.5).backward()
+            out.append((loss.detach(), h.grad, weight.grad))
+            with torch.no_grad():
+                weight -= weight.grad
+            weight.grad = None
+        return out, [e for e in head_graph._graphs.values() if e is not None]
+
+    (replayed, graphs), (eager, _) = calls(True), calls(False)
+    assert len(graphs) == 1  # the calls after the second replayed it
+    for (loss_a, h_a, w_a), (loss_b, h_b, w_b) in zip(replayed, eager):
+        assert torch.equal(loss_a, loss_b) and torch.equal(h_a, h_b) and torch.equal(w_a, w_b)
+    assert len({loss.item() for loss, _, _ in replayed}) == len(replayed)  # kept losses not overwritten
+
+
+def test_small_head_graph_busy_and_retained():
+    """Two losses of the same shapes before one backward: the second call runs eagerly (the
+    first's gradients are still to be read), and both backward passes, with retain_graph, give
+    what eager calls give."""
+    from cggr.ops import head_graph
+
+    head_graph.clear()
+    g = torch.Generator(device="cuda").manual_seed(6)
+    weight = (torch.randn(500, 32, device="cuda", generator=g) / 6).requires_grad_(True)
+    hidden = [torch.randn(128, 32, device="cuda", generator=g).requires_grad_(True) for _ in range(2)]
+    targets = torch.randint(0, 500, (128,), device="cuda", generator=g)
+
+    def loss_of(h):
+        return cggr.cggr_linear_cross_entropy(h, weight, targets, 1.0)
+
+    for _ in range(2):  # seen, then captured
+        loss_of(hidden[0]).backward()
+    weight.grad = hidden[0].grad = None
+    total = loss_of(hidden[0]) + 2 * loss_of(hidden[1])
+    total.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (weight, *hidden)]
+    for t in (weight, *hidden):
+        t.grad = None
+    total.backward()
+    torch.testing.assert_close([t.grad for t in (weight, *hidden)], first)
+    want = torch.autograd.grad(F.cross_entropy(hidden[0] @ weight.T, targets)
+                               + 2 * F.cross_entropy(hidden[1] @ weight.T, targets), (weight, *hidden))
+    torch.testing.assert_close(first, list(want), rtol=1e-4, atol=1e-5)
+    del total
+    assert not any(e is not None and e.busy for e in head_graph._graphs.values())
+
+
 @pytest.mark.parametrize("strata", [1, 4, 7, 64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_stratified_program_per_stratum_on_gpu(strata, reduction):

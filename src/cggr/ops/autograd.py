@@ -31,6 +31,7 @@ import torch
 from ..core import LossOptions, RatioSpec, build_info, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
+from . import head_graph
 from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
@@ -424,44 +425,63 @@ class _ScaledGradients(torch.autograd.Function):
     """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already: the
     backward scales them by the upstream gradient through ``scale_all`` (the backend's
     ``scaled_later`` of them, one launch), out of place, so that a second backward
-    (retain_graph) gets them again."""
+    (retain_graph) gets them again. ``release`` (or None) lives as long as this node: the
+    gradients' captured graph is not replayed before."""
 
     @staticmethod
-    def forward(ctx, loss, scale_all, *inputs):
-        ctx.scale_all = scale_all
+    def forward(ctx, loss, scale_all, release, *inputs):
+        ctx.scale_all, ctx.release = scale_all, release
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, *ctx.scale_all(grad_loss)
+        return None, None, None, *ctx.scale_all(grad_loss)
 
 
 def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
     """A small head (its logits one chunk) with a scalar loss, under autograd: logits, selection,
-    logits gradient and the gradients of hidden, weight and bias, all in the forward. Host time
-    sets the pace at this size: work queued in the forward keeps the GPU busy while autograd
-    hands the backward to its device thread, and the backward is one small launch. ``hidden``
-    ``[..., H]`` is flattened here, outside autograd: one node less for its device thread."""
-    backend, opts, plan = call.backend, call.opts, call.plan
+    logits gradient and the gradients of hidden, weight and bias, all in the forward, replayed
+    from a CUDA graph where one applies (:mod:`cggr.ops.head_graph`). Host time sets the pace at
+    this size: work queued in the forward keeps the GPU busy while autograd hands the backward
+    to its device thread, and the backward is one small launch. ``hidden`` ``[..., H]`` is
+    flattened here, outside autograd: one node less for its device thread."""
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+
+    def forward(hidden2d, weight, bias, targets_flat):
+        return _formed_head(hidden2d, weight, bias, targets_flat, call, need)[2:]
+
     with torch.no_grad():
         hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
-        cast_weight = _cast_weight(weight, plan)
-        logits = _project(hidden2d, cast_weight, bias)
-        stats, valid = stats_and_valid(backend, logits, targets_flat, opts, call.reference_loss, call.needs_info)
-        reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
-        # The logits become their gradient, zero on the rows not selected.
-        grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts,
-                                          out=logits)
-        del logits
-        grads = _HeadGrads(backend, hidden2d, cast_weight, bias is not None and bias.requires_grad,
-                           hidden.requires_grad, weight.requires_grad, plan.weight_grad, whole=True)
-        grads.add(None, hidden2d, grad_logits)
-        del grad_logits
-        grad_hidden, grad_weight, grad_bias = grads.result(weight.dtype, None if bias is None else bias.dtype)
+        replayed = head_graph.run(hidden2d, weight, bias, targets_flat, call, forward, need)
+        if replayed is None:
+            stats, reduced, loss, grad_hidden, grad_weight, grad_bias = _formed_head(
+                hidden2d, weight, bias, targets_flat, call, need)
+            release = None
+        else:
+            loss, grad_hidden, grad_weight, grad_bias, release = replayed
         if grad_hidden is not None and hidden.dim() != 2:
             grad_hidden = grad_hidden.view(hidden.shape)
-    loss = _ScaledGradients.apply(reduced.loss, backend.scaled_later(grad_hidden, grad_weight, grad_bias), hidden,
-                                  weight, bias)
+    loss = _ScaledGradients.apply(loss, call.backend.scaled_later(grad_hidden, grad_weight, grad_bias), release,
+                                  hidden, weight, bias)
+    if replayed is not None:  # a graph applies only where no one reads the info
+        return loss, None
     if call.sink is not None:
         call.sink.append((stats, reduced))
     return loss, (build_info(stats, reduced) if call.with_info else None)
+
+
+def _formed_head(hidden2d, weight, bias, targets_flat, call: Call, need):
+    """``(stats, reduced, loss, grad_hidden, grad_weight, grad_bias)`` of a small head, without
+    autograd; ``need``: whether hidden, weight and bias need their gradients."""
+    backend, opts, plan = call.backend, call.opts, call.plan
+    cast_weight = _cast_weight(weight, plan)
+    logits = _project(hidden2d, cast_weight, bias)
+    stats, valid = stats_and_valid(backend, logits, targets_flat, opts, call.reference_loss, call.needs_info)
+    reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
+    # The logits become their gradient, zero on the rows not selected.
+    grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts, out=logits)
+    del logits
+    grads = _HeadGrads(backend, hidden2d, cast_weight, need[2], need[0], need[1], plan.weight_grad, whole=True)
+    grads.add(None, hidden2d, grad_logits)
+    del grad_logits
+    return (stats, reduced, reduced.loss, *grads.result(weight.dtype, None if bias is None else bias.dtype))

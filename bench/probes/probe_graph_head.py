@@ -1,0 +1,115 @@
+"""What a CUDA graph of the small head's forward would save: the forward (logits, statistics,
+selection, logits gradient, the hidden and weight gradients) captured once and replayed on
+static copies of hidden and targets, then cggr's one-launch backward node, against cggr's call
+and the plain path.
+
+    python bench/probes/probe_graph_head.py [--rounds 5]
+
+Host µs of a 64-row head (H = 256, V = 256) and do_bench ms at 8192 x 256 -> 16,384 (bf16, 10%
+ignored rows, ratio 0.25 topk), cases alternated; fastest and median round.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from cggr.core import LossOptions, select_and_reduce  # noqa: E402
+from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
+from cggr.ops import triton_backend as tb  # noqa: E402
+from cggr.ops.autograd import _ScaledGradients  # noqa: E402
+
+OPTS = LossOptions(selection="topk")
+
+
+def host_us(step, calls=200, rounds=3):
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6 / calls)
+    return min(times)
+
+
+def formed(h, w, t, ratio):
+    logits = F.linear(h, w)
+    stats, valid = tb.row_stats_and_valid(logits, t, OPTS, None, False)
+    red = select_and_reduce(stats, valid, ratio, OPTS, None, tb.select)
+    g = tb.logits_grad(logits, t, stats.lse, red.coef, red.mask, OPTS, out=logits)
+    return red.loss, g @ w, g.t() @ h
+
+
+class GraphedHead:
+    def __init__(self, h, w, t, ratio):
+        self.h, self.t, self.w, self.ratio = h.detach().clone(), t.clone(), w, ratio
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):
+                formed(self.h, self.w.detach(), self.t, ratio)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.out = formed(self.h, self.w.detach(), self.t, ratio)
+
+    def __call__(self, h, w, t):
+        with torch.no_grad():
+            self.h.copy_(h)
+            self.t.copy_(t)
+            self.graph.replay()
+            loss, gh, gw = self.out
+            loss = loss.clone()
+        return _ScaledGradients.apply(loss, tb.scaled_later(gh, gw), h, w)
+
+
+def cases(n, hd, v):
+    h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / hd ** 0.5).requires_grad_(True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    t[torch.rand(n, device="cuda") < 0.1] = -100
+    cggr_linear_cross_entropy(h, w, t, 0.25, selection="topk", check_targets=False)  # compile the kernels
+    graphed = GraphedHead(h, w, t, 0.25)
+
+    def make(fn):
+        def step():
+            fn().backward()
+            h.grad = w.grad = None
+        return step
+    return {"plain": make(lambda: F.cross_entropy(h @ w.T, t)),
+            "cggr r=0.25 topk": make(lambda: cggr_linear_cross_entropy(h, w, t, 0.25, selection="topk",
+                                                                        check_targets=False)),
+            "graphed forward r=0.25 topk": make(lambda: graphed(h, w, t))}, (h, w, t, graphed)
+
+
+def main():
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5
+    print(torch.cuda.get_device_name(), torch.__version__)
+    tiny, _ = cases(64, 256, 256)
+    big, (h, w, t, graphed) = cases(8192, 256, 16384)
+    for fn in (lambda: cggr_linear_cross_entropy(h, w, t, 0.25, selection="topk", check_targets=False),
+               lambda: graphed(h, w, t)):
+        (fn() * 0.37).backward()
+        print("grad sums", h.grad.float().abs().sum().item(), w.grad.float().abs().sum().item())
+        h.grad = w.grad = None
+    host = {k: [] for k in tiny}
+    bench = {k: [] for k in big}
+    for _ in range(rounds):
+        for k in tiny:
+            host[k].append(host_us(tiny[k]))
+            bench[k].append(do_bench(big[k], warmup=10, rep=100, return_mode="median"))
+    for k in tiny:
+        print(f"{k:<30} host fastest {min(host[k]):7.1f} median {statistics.median(host[k]):7.1f} us | "
+              f"8192x256x16384 fastest {min(bench[k]):6.3f} median {statistics.median(bench[k]):6.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

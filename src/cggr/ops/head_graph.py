@@ -1,0 +1,126 @@
+"""CUDA graphs of a small head's forward: the same launches for a fraction of the host time.
+
+A small head's call (see :func:`cggr.ops.autograd.small_head_apply`) is a few matmuls and
+kernels whose GPU work is shorter than the Python and launches that start them. The second time
+the same call is seen (same shapes, dtypes, options, ratio, weight and bias tensors), its
+forward is captured into a CUDA graph that reads static copies of hidden and targets and the
+weight and bias in place; later calls copy their inputs in and replay it. Random selections
+draw from the default CUDA generator, which graphs advance as eager calls do, so a replay keeps
+the rows the eager call would keep.
+
+Outputs live in the graph's memory until its next replay: the loss is copied out, and the
+formed gradients are read by the backward, so a graph is not replayed while an autograd graph
+that reads them is alive (that call runs eagerly instead). At most ``_MAX_GRAPHS`` graphs are
+kept, each holding about one logits-sized buffer. ``CGGR_CUDA_GRAPHS=0`` turns this off.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Callable, Optional
+
+import torch
+
+_ENABLED = os.environ.get("CGGR_CUDA_GRAPHS", "1") != "0"
+_MAX_GRAPHS = 2
+_MAX_LOGITS = 1 << 28  # elements; a larger head's buffers are not worth holding
+_MAX_SEEN = 64
+
+
+class _Entry:
+    """One captured forward: its static inputs, its outputs, whether they are in use."""
+
+    def __init__(self) -> None:
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.hidden = self.targets = None
+        self.outputs: tuple = ()
+        self.busy = False
+
+
+class Release:
+    """Frees a graph's outputs for the next replay when the autograd node holding it goes."""
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+
+    def __del__(self) -> None:
+        self.entry.busy = False
+
+
+_graphs: "collections.OrderedDict[tuple, Optional[_Entry]]" = collections.OrderedDict()
+_seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+
+
+def clear() -> None:
+    """Drop every captured graph and its memory."""
+    _graphs.clear()
+    _seen.clear()
+
+
+def _key(hidden2d, weight, bias, targets, call) -> Optional[tuple]:
+    """What the captured work depends on; None where a graph does not apply."""
+    opts = call.opts
+    if (not _ENABLED or not hidden2d.is_cuda or not isinstance(call.ratio, float) or call.reference_loss is not None
+            or call.needs_info or opts.generator is not None or opts.process_group is not None
+            or hidden2d.shape[0] * weight.shape[0] > _MAX_LOGITS or hidden2d.get_device() != torch.cuda.current_device()
+            or torch.cuda.is_current_stream_capturing()):
+        return None
+    return (call.backend, call.ratio, opts, call.seq_shape, call.plan, hidden2d.shape, hidden2d.dtype,
+            hidden2d.requires_grad, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype,
+            weight.requires_grad, None if bias is None else (bias.data_ptr(), bias.dtype, bias.requires_grad),
+            targets.shape, targets.dtype, hidden2d.device)
+
+
+def run(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, call,
+        forward: Callable, need: tuple) -> Optional[tuple]:
+    """``forward(hidden2d, weight, bias, targets)`` -> ``(loss, grad_hidden, grad_weight,
+    grad_bias)`` through a graph: ``(loss, grads..., release)``, ``release`` to be held by the
+    autograd node that reads the gradients; None where no graph applies yet (run eagerly).
+    ``need``: which of hidden, weight and bias need gradients (part of the key)."""
+    key = _key(hidden2d, weight, bias, targets, call)
+    if key is None:
+        return None
+    key = (*key, need)
+    if key in _graphs:
+        entry = _graphs[key]
+        if entry is None or entry.busy:  # not graphable, or its outputs still in use
+            return None
+    elif key not in _seen:  # the first time: eagerly (it also compiles the kernels)
+        _seen[key] = None
+        if len(_seen) > _MAX_SEEN:
+            _seen.popitem(last=False)
+        return None
+    else:
+        entry = _capture(key, hidden2d, weight, bias, targets, forward)
+        if entry is None:
+            return None
+    _graphs.move_to_end(key)
+    entry.hidden.copy_(hidden2d)
+    entry.targets.copy_(targets)
+    entry.graph.replay()
+    entry.busy = True
+    loss, *grads = entry.outputs
+    return (loss.clone(), *grads, Release(entry))
+
+
+def _capture(key, hidden2d, weight, bias, targets, forward) -> Optional[_Entry]:
+    del _seen[key]
+    entry = _Entry()
+    entry.hidden, entry.targets = hidden2d.detach().clone(), targets.clone()
+    try:
+        side = torch.cuda.Stream(hidden2d.device)
+        side.wait_stream(torch.cuda.current_stream(hidden2d.device))
+        with torch.cuda.stream(side):  # a warm-up off the capture, as CUDA graphs ask
+            forward(entry.hidden, weight, bias, entry.targets)
+        torch.cuda.current_stream(hidden2d.device).wait_stream(side)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+            entry.outputs = forward(entry.hidden, weight, bias, entry.targets)
+    except Exception:  # something in the call does not capture: it runs eagerly from now on
+        _graphs[key] = None
+        return None
+    _graphs[key] = entry
+    idle = [k for k, e in _graphs.items() if e is not None and not e.busy and k != key]
+    for oldest in idle[:max(0, len(idle) + 1 - _MAX_GRAPHS)]:  # least recently used first
+        del _graphs[oldest]
+    return entry
