@@ -110,9 +110,11 @@ def _capture(key, hidden2d, weight, bias, targets, forward) -> Optional[_Entry]:
     try:
         side = torch.cuda.Stream(hidden2d.device)
         side.wait_stream(torch.cuda.current_stream(hidden2d.device))
+        rng = torch.cuda.get_rng_state(hidden2d.device)  # the warm-up must not move the generator
         with torch.cuda.stream(side):  # a warm-up off the capture, as CUDA graphs ask
             forward(entry.hidden, weight, bias, entry.targets)
         torch.cuda.current_stream(hidden2d.device).wait_stream(side)
+        torch.cuda.set_rng_state(rng, hidden2d.device)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
             entry.outputs = forward(entry.hidden, weight, bias, entry.targets)
