@@ -7,9 +7,10 @@ from . import functional
 from .functional import cggr_cross_entropy, cggr_linear_cross_entropy, reference_token_loss
 from .info import CGGRInfo
 from .loss import CGGRLoss
+from .ops.head_graph import clear as clear_cuda_graphs
 from .schedule import Curriculum
 
 __version__ = "0.6.0.dev0"
 
-__all__ = ["CGGRInfo", "CGGRLoss", "Curriculum", "cggr_cross_entropy", "cggr_linear_cross_entropy", "functional",
-           "reference_token_loss", "__version__"]
+__all__ = ["CGGRInfo", "CGGRLoss", "Curriculum", "cggr_cross_entropy", "cggr_linear_cross_entropy",
+           "clear_cuda_graphs", "functional", "reference_token_loss", "__version__"]
