@@ -203,7 +203,9 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
         return out, [e for e in head_graph._graphs.values() if e is not None]
 
     (replayed, graphs), (eager, _) = calls(True), calls(False)
-    assert len(graphs) == 1  # the calls after the second replayed it
+    # Captured by the second call and replayed by it and every later one: a backward frees the
+    # graph for the next call although its loss is still held.
+    assert len(graphs) == 1 and graphs[0].replays == len(hiddens) - 1
     for (loss_a, h_a, w_a), (loss_b, h_b, w_b) in zip(replayed, eager):
         assert torch.equal(loss_a, loss_b) and torch.equal(h_a, h_b) and torch.equal(w_a, w_b)
     assert len({loss.item() for loss, _, _ in replayed}) == len(replayed)  # kept losses not overwritten
@@ -239,6 +241,13 @@ def test_small_head_graph_busy_and_retained():
     torch.testing.assert_close(first, list(want), rtol=1e-4, atol=1e-5)
     del total
     assert not any(e is not None and e.busy for e in head_graph._graphs.values())
+
+    # A second backward after the graph ran again would read overwritten gradients: refused.
+    loss = loss_of(hidden[0])
+    loss.backward(retain_graph=True)
+    loss_of(hidden[1])
+    with pytest.raises(RuntimeError, match="CGGR_CUDA_GRAPHS=0"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("strata", [1, 4, 7, 64])

@@ -425,17 +425,16 @@ class _ScaledGradients(torch.autograd.Function):
     """``loss`` unchanged, whose gradients with respect to ``inputs`` were formed already: the
     backward scales them by the upstream gradient through ``scale_all`` (the backend's
     ``scaled_later`` of them, one launch), out of place, so that a second backward
-    (retain_graph) gets them again. ``release`` (or None) lives as long as this node: the
-    gradients' captured graph is not replayed before."""
+    (retain_graph) gets them again."""
 
     @staticmethod
-    def forward(ctx, loss, scale_all, release, *inputs):
-        ctx.scale_all, ctx.release = scale_all, release
+    def forward(ctx, loss, scale_all, *inputs):
+        ctx.scale_all = scale_all
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, *ctx.scale_all(grad_loss)
+        return None, None, *ctx.scale_all(grad_loss)
 
 
 def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
@@ -461,8 +460,9 @@ def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
             loss, grad_hidden, grad_weight, grad_bias, release = replayed
         if grad_hidden is not None and hidden.dim() != 2:
             grad_hidden = grad_hidden.view(hidden.shape)
-    loss = _ScaledGradients.apply(loss, call.backend.scaled_later(grad_hidden, grad_weight, grad_bias), release,
-                                  hidden, weight, bias)
+    scale_all = call.backend.scaled_later(grad_hidden, grad_weight, grad_bias)
+    loss = _ScaledGradients.apply(loss, scale_all if release is None else release.guard(scale_all), hidden, weight,
+                                  bias)
     if replayed is not None:  # a graph applies only where no one reads the info
         return loss, None
     if call.sink is not None:

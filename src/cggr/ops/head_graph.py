@@ -9,8 +9,8 @@ draw from the default CUDA generator, which graphs advance as eager calls do, so
 the rows the eager call would keep.
 
 Outputs live in the graph's memory until its next replay: the loss is copied out, and the
-formed gradients are read by the backward, so a graph is not replayed while an autograd graph
-that reads them is alive (that call runs eagerly instead). At most ``_MAX_GRAPHS`` graphs are
+formed gradients are read by the backward, so a graph is not replayed until the last replay's
+backward has run or its autograd graph is gone (a call in between runs eagerly). At most ``_MAX_GRAPHS`` graphs are
 kept, each holding about one logits-sized buffer. ``CGGR_CUDA_GRAPHS=0`` turns this off.
 """
 from __future__ import annotations
@@ -28,23 +28,41 @@ _MAX_SEEN = 64
 
 
 class _Entry:
-    """One captured forward: its static inputs, its outputs, whether they are in use."""
+    """One captured forward: its static inputs, its outputs, how many times it was replayed and
+    whether the last replay's gradients still wait for their backward."""
 
     def __init__(self) -> None:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.hidden = self.targets = None
         self.outputs: tuple = ()
+        self.replays = 0
         self.busy = False
 
 
 class Release:
-    """Frees a graph's outputs for the next replay when the autograd node holding it goes."""
+    """One replay's hold on its graph's outputs: let go after its first backward, or when the
+    autograd node holding it goes without one."""
 
     def __init__(self, entry: _Entry) -> None:
-        self.entry = entry
+        self.entry, self.replay = entry, entry.replays
 
-    def __del__(self) -> None:
-        self.entry.busy = False
+    def done(self) -> None:
+        if self.entry.replays == self.replay:
+            self.entry.busy = False
+
+    __del__ = done
+
+    def guard(self, scale_all: Callable) -> Callable:
+        """``scale_all`` (the backward's scaling of the graph's gradients), checked and releasing."""
+        def scale(value: torch.Tensor) -> tuple:
+            if self.entry.replays != self.replay:
+                raise RuntimeError(
+                    "cggr: a second backward through a small head's loss after the same head ran again: its CUDA "
+                    "graph has overwritten the gradients this backward reads. Run it with CGGR_CUDA_GRAPHS=0.")
+            grads = scale_all(value)
+            self.done()
+            return grads
+        return scale
 
 
 _graphs: "collections.OrderedDict[tuple, Optional[_Entry]]" = collections.OrderedDict()
@@ -74,8 +92,8 @@ def _key(hidden2d, weight, bias, targets, call) -> Optional[tuple]:
 def run(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, call,
         forward: Callable, need: tuple) -> Optional[tuple]:
     """``forward(hidden2d, weight, bias, targets)`` -> ``(loss, grad_hidden, grad_weight,
-    grad_bias)`` through a graph: ``(loss, grads..., release)``, ``release`` to be held by the
-    autograd node that reads the gradients; None where no graph applies yet (run eagerly).
+    grad_bias)`` through a graph: ``(loss, grads..., release)``, whose ``release.guard`` wraps
+    the backward's scaling of the gradients; None where no graph applies yet (run eagerly).
     ``need``: which of hidden, weight and bias need gradients (part of the key)."""
     key = _key(hidden2d, weight, bias, targets, call)
     if key is None:
@@ -98,6 +116,7 @@ def run(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     entry.hidden.copy_(hidden2d)
     entry.targets.copy_(targets)
     entry.graph.replay()
+    entry.replays += 1
     entry.busy = True
     loss, *grads = entry.outputs
     return (loss.clone(), *grads, Release(entry))
