@@ -10,8 +10,9 @@ the rows the eager call would keep.
 
 Outputs live in the graph's memory until its next replay: the loss is copied out, and the
 formed gradients are read by the backward, so a graph is not replayed until the last replay's
-backward has run or its autograd graph is gone (a call in between runs eagerly). At most ``_MAX_GRAPHS`` graphs are
-kept, each holding about one logits-sized buffer. ``CGGR_CUDA_GRAPHS=0`` turns this off.
+backward has run or its autograd graph is gone (a call in between runs eagerly). At most
+``_MAX_GRAPHS`` graphs are kept, each holding about one logits-sized buffer.
+``CGGR_CUDA_GRAPHS=0`` turns this off.
 """
 from __future__ import annotations
 
