@@ -835,6 +835,7 @@ def scale_kernel(scale_ptr, out_ptr, src_ptr, n_elements, out1_ptr, src1_ptr, n1
 
 @triton.jit
 def _scale_span(out_ptr, src_ptr, n_elements, scale, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """:func:`scale_kernel` over one tensor: this program's blocks."""
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
         offs = start + tl.arange(0, BLOCK)
