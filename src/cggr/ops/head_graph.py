@@ -124,25 +124,34 @@ def run(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 def _capture(key, hidden2d, weight, bias, targets, forward) -> Optional[_Entry]:
+    """A new entry for ``key`` with its forward recorded (None, and the key marked eager, where
+    recording fails), evicting the least recently used idle graphs beyond ``_MAX_GRAPHS``."""
     del _seen[key]
     entry = _Entry()
     entry.hidden, entry.targets = hidden2d.detach().clone(), targets.clone()
     try:
-        side = torch.cuda.Stream(hidden2d.device)
-        side.wait_stream(torch.cuda.current_stream(hidden2d.device))
-        rng = torch.cuda.get_rng_state(hidden2d.device)  # the warm-up must not move the generator
-        with torch.cuda.stream(side):  # a warm-up off the capture, as CUDA graphs ask
-            forward(entry.hidden, weight, bias, entry.targets)
-        torch.cuda.current_stream(hidden2d.device).wait_stream(side)
-        torch.cuda.set_rng_state(rng, hidden2d.device)
-        entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
-            entry.outputs = forward(entry.hidden, weight, bias, entry.targets)
+        _record(entry, weight, bias, forward)
     except Exception:  # something in the call does not capture: it runs eagerly from now on
         _graphs[key] = None
         return None
     _graphs[key] = entry
     idle = [k for k, e in _graphs.items() if e is not None and not e.busy and k != key]
-    for oldest in idle[:max(0, len(idle) + 1 - _MAX_GRAPHS)]:  # least recently used first
+    excess = sum(e is not None for e in _graphs.values()) - _MAX_GRAPHS
+    for oldest in idle[:max(0, excess)]:  # least recently used first
         del _graphs[oldest]
     return entry
+
+
+def _record(entry: _Entry, weight, bias, forward) -> None:
+    """Capture ``forward`` on the entry's static inputs into ``entry.graph`` and ``entry.outputs``."""
+    device = entry.hidden.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    rng = torch.cuda.get_rng_state(device)  # the warm-up must not move the generator
+    with torch.cuda.stream(side):  # a warm-up off the capture, as CUDA graphs ask
+        forward(entry.hidden, weight, bias, entry.targets)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.set_rng_state(rng, device)
+    entry.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+        entry.outputs = forward(entry.hidden, weight, bias, entry.targets)
