@@ -37,15 +37,41 @@ LINEAR_CASES = [
 ]
 
 
-def host_ms(step, calls=200, warmup=10):
+def host_us(step, calls=200, rounds=3, warmup=20) -> float:
+    """Host µs per call of ``step``: the fastest of ``rounds`` rounds of ``calls`` calls, timed
+    up to the GPU's end (on a tiny shape, where the GPU never holds the host back)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / calls
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6 / calls)
+    return min(times)
+
+
+def host_ms(step, calls=200, warmup=10):
+    """Host ms per call of ``step``, one round (see :func:`host_us`)."""
+    return host_us(step, calls, rounds=1, warmup=warmup) / 1e3
+
+
+def host_and_bench_rounds(tiny: dict, big: dict, rounds: int, shape: str, width: int = 30) -> None:
+    """Alternated rounds over named cases: host µs of each ``tiny`` step and do_bench ms of the
+    ``big`` one of the same name; prints the fastest and median round of each."""
+    import statistics
+
+    host = {k: [] for k in tiny}
+    bench = {k: [] for k in big}
+    for _ in range(rounds):
+        for k in tiny:
+            host[k].append(host_us(tiny[k]))
+            bench[k].append(do_bench(big[k], warmup=10, rep=100, return_mode="median"))
+    for k in tiny:
+        print(f"{k:<{width}} host fastest {min(host[k]):7.1f} median {statistics.median(host[k]):7.1f} us | "
+              f"{shape} fastest {min(bench[k]):6.3f} median {statistics.median(bench[k]):6.3f} ms")
 
 
 def cuda_kernels(step, calls=5):

@@ -10,33 +10,17 @@ Host µs of a 64-row head (H = 256, V = 256) and do_bench ms at 8192 x 256 -> 16
 ignored rows, ratio 0.25 topk and 1), cases alternated; fastest and median round.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.core import LossOptions, select_and_reduce  # noqa: E402
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
-
-
-def host_us(step, calls=200, rounds=3):
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return min(times)
-
+from profile_step import host_and_bench_rounds  # noqa: E402
 
 OPTS = {s: LossOptions(selection=s) for s in ("topk", "importance")}
 
@@ -104,15 +88,7 @@ def main():
     tiny, _ = cases(64, 256, 256)
     big, tensors = cases(8192, 256, 16384)
     check(*tensors)
-    host = {k: [] for k in tiny}
-    bench = {k: [] for k in big}
-    for _ in range(rounds):
-        for k in tiny:
-            host[k].append(host_us(tiny[k]))
-            bench[k].append(do_bench(big[k], warmup=10, rep=100, return_mode="median"))
-    for k in tiny:
-        print(f"{k:<24} host fastest {min(host[k]):7.1f} median {statistics.median(host[k]):7.1f} us | "
-              f"8192x256x16384 fastest {min(bench[k]):6.3f} median {statistics.median(bench[k]):6.3f} ms")
+    host_and_bench_rounds(tiny, big, rounds, "8192x256x16384", width=24)
 
 
 if __name__ == "__main__":

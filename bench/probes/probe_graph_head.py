@@ -9,43 +9,19 @@ Host µs of a 64-row head (H = 256, V = 256) and do_bench ms at 8192 x 256 -> 16
 ignored rows, ratio 0.25 topk), cases alternated; fastest and median round.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
-from cggr.core import LossOptions, select_and_reduce  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from probe_cpp_backward import formed  # noqa: E402
+
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
 from cggr.ops.autograd import _ScaledGradients  # noqa: E402
-
-OPTS = LossOptions(selection="topk")
-
-
-def host_us(step, calls=200, rounds=3):
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return min(times)
-
-
-def formed(h, w, t, ratio):
-    logits = F.linear(h, w)
-    stats, valid = tb.row_stats_and_valid(logits, t, OPTS, None, False)
-    red = select_and_reduce(stats, valid, ratio, OPTS, None, tb.select)
-    g = tb.logits_grad(logits, t, stats.lse, red.coef, red.mask, OPTS, out=logits)
-    return red.loss, g @ w, g.t() @ h
+from profile_step import host_and_bench_rounds  # noqa: E402
 
 
 class GraphedHead:
@@ -55,11 +31,11 @@ class GraphedHead:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(stream):
             for _ in range(2):
-                formed(self.h, self.w.detach(), self.t, ratio)
+                formed(self.h, self.w.detach(), self.t, ratio, "topk")
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.out = formed(self.h, self.w.detach(), self.t, ratio)
+            self.out = formed(self.h, self.w.detach(), self.t, ratio, "topk")
 
     def __call__(self, h, w, t):
         with torch.no_grad():
@@ -100,15 +76,7 @@ def main():
         (fn() * 0.37).backward()
         print("grad sums", h.grad.float().abs().sum().item(), w.grad.float().abs().sum().item())
         h.grad = w.grad = None
-    host = {k: [] for k in tiny}
-    bench = {k: [] for k in big}
-    for _ in range(rounds):
-        for k in tiny:
-            host[k].append(host_us(tiny[k]))
-            bench[k].append(do_bench(big[k], warmup=10, rep=100, return_mode="median"))
-    for k in tiny:
-        print(f"{k:<30} host fastest {min(host[k]):7.1f} median {statistics.median(host[k]):7.1f} us | "
-              f"8192x256x16384 fastest {min(bench[k]):6.3f} median {statistics.median(bench[k]):6.3f} ms")
+    host_and_bench_rounds(tiny, big, rounds, "8192x256x16384")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ cProfile and torch.profiler CPU table of one selection's step.
 """
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
-from profile_step import host_profile  # noqa: E402
-
-
-def host_us(step, calls=200, rounds=3):
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return min(times)
+from profile_step import host_profile, host_us  # noqa: E402
 
 
 def main():

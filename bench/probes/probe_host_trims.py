@@ -9,7 +9,6 @@ Prints the fastest of five rounds of 300 calls, in microseconds.
 """
 import os
 import sys
-import time
 
 src = next((a for a in sys.argv[1:] if not a.startswith("--")), os.path.join(os.path.dirname(__file__), "..", "..",
                                                                                "src"))
@@ -19,19 +18,8 @@ import torch  # noqa: E402
 from cggr import CGGRLoss  # noqa: E402
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
 
-
-def host_us(step, calls=300, rounds=5):
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return min(times)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # after cggr: profile_step adds this tree's src
+from profile_step import host_us  # noqa: E402
 
 
 def main():
@@ -60,7 +48,8 @@ def main():
     cases = {"logits r=0.25 importance": logits_step(0.25, "importance"),
              "logits r=0.25 topk": logits_step(0.25, "topk"), "logits r=1": logits_step(1.0, "importance"),
              "CGGRLoss(0.25)": criterion_step, "head r=0.25": head_step(0.25), "head r=1": head_step(1.0)}
-    print(f"{label:<8}" + "".join(f" {name}: {host_us(step):6.1f}" for name, step in cases.items()) + "  (host us)")
+    times = "".join(f" {name}: {host_us(step, calls=300, rounds=5):6.1f}" for name, step in cases.items())
+    print(f"{label:<8}{times}  (host us)")
 
 
 if __name__ == "__main__":

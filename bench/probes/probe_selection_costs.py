@@ -13,7 +13,6 @@ call on 64 rows (V = 256), where only the host counts.
 import os
 import statistics
 import sys
-import time
 
 src = next((a for a in sys.argv[1:] if not a.startswith("--") and not a.isdigit()),
            os.path.join(os.path.dirname(__file__), "..", "..", "src"))
@@ -23,32 +22,16 @@ from triton.testing import do_bench  # noqa: E402
 
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # after cggr: profile_step adds this tree's src
+from profile_step import cuda_kernels, host_us  # noqa: E402
+
 SELECTIONS = ("topk", "importance", "random", "stratified", "sequence_aware")
 SEQ_LEN = 2048
 
 
-def host_us(step, calls=300, rounds=5):
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return min(times)
-
-
 def kernels(step, calls=10):
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    """(GPU µs per call, kernels per call, µs of the selection's own kernels per call)."""
+    events = cuda_kernels(step, calls)
     total = sum(e.self_device_time_total for e in events) / calls
     count = sum(e.count for e in events) / calls
     selection = sum(e.self_device_time_total for e in events

@@ -353,7 +353,7 @@ def run_linear_cross_entropy(hidden, weight, bias, targets, ratio: RatioSpec, op
     vocab_size = weight.shape[0]
     impl, seq_shape, flat_targets, reference_loss = prepare(hidden, targets, vocab_size, opts, backend, check_targets,
                                                             reference_loss)
-    n_rows = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() != 2 else hidden.shape[0]
+    n_rows = math.prod(hidden.shape[:-1])
     chunk_rows = min(chunk_size or _default_chunk_rows(vocab_size), max(n_rows, 1))
     if ratio_bound is None and isinstance(ratio, float):
         ratio_bound = ratio

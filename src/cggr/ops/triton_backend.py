@@ -386,16 +386,17 @@ def _launch_scale(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, acc
 
 def _launch_scale_pairs(pairs, scale: torch.Tensor, accumulate: bool) -> None:
     """One launch of the scaling kernel over the (out, src) ``pairs`` (1 to 3, non-empty)."""
-    out = pairs[0][0]
-    with _device_guard(out):
-        launch(scale_kernel, _scale_programs(max(o.numel() for o, _ in pairs), out), scale, *_scale_triples(pairs),
-               **_scale_constants(accumulate, all(o is s for o, s in pairs), len(pairs)))
+    grid, triples, constants = _scale_call(pairs, accumulate)
+    with _device_guard(pairs[0][0]):
+        launch(scale_kernel, grid, scale, *triples, **constants)
 
 
-def _scale_triples(pairs) -> tuple:
-    """The scaling kernel's three (out, src, n) argument triples: ``pairs`` and None for the rest."""
-    triples = tuple(x for out, src in pairs for x in (out, src, out.numel()))
-    return triples + (None, None, 0) * (3 - len(pairs))
+def _scale_call(pairs, accumulate: bool):
+    """(grid, the three (out, src, n) argument triples, None for the missing ones, constants) of
+    the scaling kernel over the (out, src) ``pairs``."""
+    grid = _scale_programs(max(out.numel() for out, _ in pairs), pairs[0][0])
+    triples = tuple(x for out, src in pairs for x in (out, src, out.numel())) + (None, None, 0) * (3 - len(pairs))
+    return grid, triples, _scale_constants(accumulate, all(out is src for out, src in pairs), len(pairs))
 
 
 @functools.lru_cache(maxsize=16)
@@ -466,11 +467,9 @@ def _prepared_scale(pairs):
     """The scaling kernel's launch ``out = scale * src`` for each (out, src) of ``pairs`` (1 to
     3), prepared but for ``scale`` (a float32 upstream gradient: the loss's dtype wherever the
     kernel applies)."""
-    out = pairs[0][0]
-    n = max(o.numel() for o, _ in pairs)
-    with _device_guard(out):
-        return prepared(scale_kernel, _scale_programs(n, out), (None, *_scale_triples(pairs)), 0, torch.float32,
-                        **_scale_constants(False, all(o is s for o, s in pairs), len(pairs)))
+    grid, triples, constants = _scale_call(pairs, False)
+    with _device_guard(pairs[0][0]):
+        return prepared(scale_kernel, grid, (None, *triples), 0, torch.float32, **constants)
 
 
 def scaled(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
