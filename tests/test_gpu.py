@@ -178,7 +178,7 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
     (the default generator advances as in eager calls), while the weight changes in place
     between calls and hidden is a new tensor each time; a loss kept from an earlier call is not
     overwritten by later replays."""
-    from cggr.ops import head_graph
+    from cggr.ops import graphs
 
     g = torch.Generator(device="cuda").manual_seed(5)
     weight0 = torch.randn(1000, 64, device="cuda", generator=g, dtype=torch.bfloat16) / 8
@@ -187,8 +187,8 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
     targets[:, ::9] = -100
 
     def calls(enabled):
-        monkeypatch.setattr(head_graph, "_ENABLED", enabled)
-        head_graph.clear()
+        monkeypatch.setattr(graphs, "_ENABLED", enabled)
+        graphs.clear()
         torch.manual_seed(11)
         weight = weight0.clone().requires_grad_(True)
         out = []
@@ -200,12 +200,12 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
             with torch.no_grad():
                 weight -= weight.grad
             weight.grad = None
-        return out, [e for e in head_graph._graphs.values() if e is not None]
+        return out, [e for e in graphs._graphs.values() if e is not None]
 
-    (replayed, graphs), (eager, _) = calls(True), calls(False)
+    (replayed, entries), (eager, _) = calls(True), calls(False)
     # Captured by the second call and replayed by it and every later one: a backward frees the
     # graph for the next call although its loss is still held.
-    assert len(graphs) == 1 and graphs[0].replays == len(hiddens) - 1
+    assert len(entries) == 1 and entries[0].replays == len(hiddens) - 1
     for (loss_a, h_a, w_a), (loss_b, h_b, w_b) in zip(replayed, eager):
         assert torch.equal(loss_a, loss_b) and torch.equal(h_a, h_b) and torch.equal(w_a, w_b)
     assert len({loss.item() for loss, _, _ in replayed}) == len(replayed)  # kept losses not overwritten
@@ -215,9 +215,9 @@ def test_small_head_graph_busy_and_retained():
     """Two losses of the same shapes before one backward: the second call runs eagerly (the
     first's gradients are still to be read), and both backward passes, with retain_graph, give
     what eager calls give."""
-    from cggr.ops import head_graph
+    from cggr.ops import graphs
 
-    head_graph.clear()
+    graphs.clear()
     g = torch.Generator(device="cuda").manual_seed(6)
     weight = (torch.randn(500, 32, device="cuda", generator=g) / 6).requires_grad_(True)
     hidden = [torch.randn(128, 32, device="cuda", generator=g).requires_grad_(True) for _ in range(2)]
@@ -240,7 +240,7 @@ def test_small_head_graph_busy_and_retained():
                                + 2 * F.cross_entropy(hidden[1] @ weight.T, targets), (weight, *hidden))
     torch.testing.assert_close(first, list(want), rtol=1e-4, atol=1e-5)
     del total
-    assert not any(e is not None and e.busy for e in head_graph._graphs.values())
+    assert not any(e is not None and e.busy for e in graphs._graphs.values())
 
     # A second backward after the graph ran again would read overwritten gradients: refused.
     loss = loss_of(hidden[0])
@@ -248,6 +248,109 @@ def test_small_head_graph_busy_and_retained():
     loss_of(hidden[1])
     with pytest.raises(RuntimeError, match="CGGR_CUDA_GRAPHS=0"):
         loss.backward()
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_logits_graph_replays_match_eager_calls(selection, monkeypatch):
+    """Small logits' captured forward (first call eager, second captured, later ones replayed)
+    gives the eager calls' losses and gradients to the bit, random selections too, with the
+    logits changed in place between calls and another upstream gradient each time; the
+    gradient becomes the leaf's ``.grad`` with no copy."""
+    from cggr.ops import graphs
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x0 = (torch.randn(4, 256, 3000, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, 3000, (4, 256), device="cuda", generator=g)
+    targets[:, ::7] = -100
+
+    def calls(enabled):
+        monkeypatch.setattr(graphs, "_ENABLED", enabled)
+        graphs.clear()
+        torch.manual_seed(12)
+        x = x0.clone().requires_grad_(True)
+        out = []
+        for scale in (1.0, 0.5, 1.0, 2.0, 1.0):
+            loss = _cggr_cross_entropy(x, targets, 0.3, selection=selection)
+            (loss * scale).backward()
+            out.append((loss.detach(), x.grad.clone()))
+            entries = [e for e in graphs._graphs.values() if e is not None]
+            if entries:
+                assert x.grad.data_ptr() == entries[0].outputs[6].data_ptr()  # taken without a copy
+            x.grad = None
+            with torch.no_grad():
+                x.mul_(0.75)
+        return out, entries
+
+    (replayed, entries), (eager, _) = calls(True), calls(False)
+    assert len(entries) == 1 and entries[0].replays == 4
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(replayed, eager):
+        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+def test_logits_graph_in_a_training_loop_and_cggrloss():
+    """Logits formed anew each step by a head (the allocator's address repeats): the graphed
+    steps give what the plain loss's gradient formula gives, a held ``.grad`` or a retained
+    autograd graph sends a call down the eager path, and ``CGGRLoss`` replays with the metrics
+    of an eager run."""
+    from cggr.ops import graphs
+
+    graphs.clear()
+    g = torch.Generator(device="cuda").manual_seed(9)
+    hidden = torch.randn(512, 64, device="cuda", generator=g)
+    weight = (torch.randn(2000, 64, device="cuda", generator=g) / 8).requires_grad_(True)
+    targets = torch.randint(0, 2000, (512,), device="cuda", generator=g)
+    for _ in range(4):
+        loss = _cggr_cross_entropy(hidden @ weight.T, targets, 1.0)
+        loss.backward()
+        want = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets), weight)[0]
+        torch.testing.assert_close(weight.grad, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
+        weight.grad = None
+    entries = [e for e in graphs._graphs.values() if e is not None]
+    assert len(entries) == 1 and entries[0].replays >= 1
+
+    x = torch.randn(300, 999, device="cuda", generator=g).requires_grad_(True)
+    t = torch.randint(0, 999, (300,), device="cuda", generator=g)
+    graphs.clear()
+    for _ in range(2):
+        _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
+    entry = [e for e in graphs._graphs.values() if e is not None][0]
+    first = x.grad.clone()
+    loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad held: eager
+    assert entry.replays == 1
+    loss.backward(retain_graph=True)  # accumulates into the held .grad
+    x.grad = None
+    assert _cggr_cross_entropy(x, t, 0.5, selection="topk") is not None and entry.replays == 1  # retained
+    loss.backward()
+    torch.testing.assert_close(x.grad, first)
+    x.grad = None
+    del loss
+    _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
+    assert entry.replays == 2 and torch.equal(x.grad, first)
+
+    def metrics():
+        torch.manual_seed(3)
+        criterion = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0)
+        y = x.detach().clone().requires_grad_(True)
+        out = []
+        for _ in range(4):
+            criterion(y, t).backward()
+            out.append((criterion.get_metrics(), y.grad.clone()))
+            y.grad = None
+            with torch.no_grad():
+                y.mul_(1.25)
+        return out
+    graphs.clear()
+    graphed = metrics()
+    entries = [e for e in graphs._graphs.values() if e is not None]
+    assert len(entries) == 1 and entries[0].replays == 2
+    graphs._ENABLED = False
+    try:
+        eager = metrics()
+    finally:
+        graphs._ENABLED = True
+    for (m_a, grad_a), (m_b, grad_b) in zip(graphed, eager):
+        assert m_a == m_b and torch.equal(grad_a, grad_b)
 
 
 @pytest.mark.parametrize("strata", [1, 4, 7, 64])

@@ -7,7 +7,7 @@ from . import functional
 from .functional import cggr_cross_entropy, cggr_linear_cross_entropy, reference_token_loss
 from .info import CGGRInfo
 from .loss import CGGRLoss
-from .ops.head_graph import clear as clear_cuda_graphs
+from .ops.graphs import clear as clear_cuda_graphs
 from .schedule import Curriculum
 
 __version__ = "0.6.0.dev0"

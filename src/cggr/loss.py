@@ -127,6 +127,7 @@ class CGGRLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 reference_loss: Optional[torch.Tensor] = None):
         check.check_logits_targets(logits, targets)
+        self._last = None  # the last call's tensors go first: a CUDA graph replays only once they are let go
         ratio = self._ratio_spec()
         if self.base_loss is None:
             # The info is made only if asked for, here or later by get_metrics().

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ..core import LossOptions, RatioSpec, build_info, mean_denominator, select_and_reduce, selected_first
+from ..core import LossOptions, RatioSpec, Reduced, build_info, mean_denominator, select_and_reduce, selected_first
 from ..info import CGGRInfo
 from ..scoring import RowStats
-from . import head_graph
+from . import graphs
 from .reference import compute_dtype
 
 _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(CGGRInfo))
@@ -113,21 +114,31 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
     place) in the forward, where the backward only scales it by the upstream gradient: with host
     time setting the pace, work queued in the forward keeps the GPU busy while autograd hands the
     backward to its device thread. The forward also prepares that scaling's launch (the
-    backend's ``scaler``): Python runs several times slower on that thread.
+    backend's ``scaler``): Python runs several times slower on that thread. With ``grad_now``
+    the forward may replay a CUDA graph (:mod:`cggr.ops.graphs`).
     """
 
     @staticmethod
     def forward(ctx, logits, targets, call: Call):
-        backend, opts = call.backend, call.opts
-        stats, valid = stats_and_valid(backend, logits, targets, opts, call.reference_loss, call.needs_info)
-        reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
-        ctx.backend, ctx.opts = backend, opts
+        backend = call.backend
+        ctx.backend, ctx.opts = backend, call.opts
         # A second backward (retain_graph) recomputes the gradient from the saved logits.
         ctx.scale_grad = None
         if call.grad_now:
-            ctx.scale_grad = backend.scaler(backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask,
-                                                                opts))
-        ctx.save_for_backward(logits, targets, stats.lse, reduced.mask, reduced.coef)
+            # The graph's forward keeps no sink: what it holds would stay held.
+            forward = functools.partial(_graphed_logits, logits, call._replace(sink=None), call.needs_info)
+            replayed = graphs.run_logits(logits, targets, call, forward)
+            if replayed is None:
+                stats, reduced, grad = _formed_logits(logits, targets, call, call.needs_info)
+                lse = stats.lse
+            else:
+                stats, reduced, grad, lse = _from_graph(replayed, call)
+            ctx.scale_grad = backend.scaler(grad)
+        else:
+            stats, valid = stats_and_valid(backend, logits, targets, call.opts, call.reference_loss, call.needs_info)
+            reduced = select_and_reduce(stats, valid, call.ratio, call.opts, call.seq_shape, _fused_select(backend))
+            lse = stats.lse
+        ctx.save_for_backward(logits, targets, lse, reduced.mask, reduced.coef)
         return _outputs(ctx, stats, reduced, call.with_info, call.sink)
 
     @staticmethod
@@ -150,6 +161,30 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
             # reading a gradient as its output.
             torch.autograd.graph.increment_version(logits)
         return grad, None, None
+
+
+def _formed_logits(logits, targets, call: Call, need_stats: bool):
+    """``(stats, reduced, logits gradient)`` of one call, the gradient formed now; ``need_stats``:
+    whether anything reads the statistics beyond ``lse`` (the info)."""
+    backend, opts = call.backend, call.opts
+    stats, valid = stats_and_valid(backend, logits, targets, opts, call.reference_loss, need_stats)
+    reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
+    return stats, reduced, backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask, opts)
+
+
+def _graphed_logits(logits, call: Call, need_stats: bool, targets):
+    """:func:`_formed_logits` as the flat tensors a graph returns (see :func:`_from_graph`)."""
+    stats, reduced, grad = _formed_logits(logits, targets, call, need_stats)
+    columns = () if not need_stats else (stats.block,) if stats.block is not None else tuple(stats)
+    return (*reduced[:6], grad, stats.lse, *columns)
+
+
+def _from_graph(outputs, call: Call):
+    """``(stats, reduced, logits gradient, lse)`` from a graph's outputs; ``stats`` is None
+    unless a sink reads it."""
+    grad, lse, *columns = outputs[6:]
+    stats = None if not columns else RowStats.from_columns(*columns) if len(columns) == 1 else RowStats(*columns)
+    return stats, Reduced(*outputs[:6], call.ratio), grad, lse
 
 
 def cggr_cross_entropy_apply(logits, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
@@ -440,7 +475,7 @@ class _ScaledGradients(torch.autograd.Function):
 def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
     """A small head (its logits one chunk) with a scalar loss, under autograd: logits, selection,
     logits gradient and the gradients of hidden, weight and bias, all in the forward, replayed
-    from a CUDA graph where one applies (:mod:`cggr.ops.head_graph`). Host time sets the pace at
+    from a CUDA graph where one applies (:mod:`cggr.ops.graphs`). Host time sets the pace at
     this size: work queued in the forward keeps the GPU busy while autograd hands the backward
     to its device thread, and the backward is one small launch. ``hidden`` ``[..., H]`` is
     flattened here, outside autograd: one node less for its device thread."""
@@ -451,7 +486,7 @@ def small_head_apply(hidden, weight, bias, targets_flat, call: Call):
 
     with torch.no_grad():
         hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
-        replayed = head_graph.run(hidden2d, weight, bias, targets_flat, call, forward, need)
+        replayed = graphs.run_head(hidden2d, weight, bias, targets_flat, call, forward, need)
         if replayed is None:
             stats, reduced, loss, grad_hidden, grad_weight, grad_bias = _formed_head(
                 hidden2d, weight, bias, targets_flat, call, need)

@@ -1,0 +1,252 @@
+"""The bookkeeping of the CUDA graphs (``cggr.ops.graphs``) on the CPU: when a call is seen,
+captured, replayed or run eagerly, when a replay's outputs are let go, and which graphs are
+kept. The capture itself is replaced by a stand-in that reruns the forward into the recorded
+outputs; ``tests/test_gpu.py`` checks real graphs against eager calls."""
+import pytest
+import torch
+
+import cggr
+from cggr.ops import graphs
+
+
+class _Replayer:
+    """Stands in for a CUDA graph: replay reruns the forward into the recorded outputs."""
+
+    def __init__(self, entry, forward):
+        self.run = lambda: forward(*entry.statics)
+        self.entry = entry
+
+    def replay(self):
+        for out, new in zip(self.entry.outputs, self.run()):
+            if out is not None:
+                out.copy_(new)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """graphs with CPU tensors allowed (the keys: the shapes, and the logits' address) and the
+    stand-in capture; yields the entries recorded."""
+    entries = []
+
+    def record(entry, forward):
+        if entry.statics[0].shape[0] == 13:
+            raise RuntimeError("does not capture")
+        entry.graph = _Replayer(entry, forward)
+        rng = torch.get_rng_state()  # a capture draws nothing: its replays do
+        entry.outputs = tuple(None if t is None else t.clone() for t in forward(*entry.statics))
+        torch.set_rng_state(rng)
+        entries.append(entry)
+
+    def head_key(hidden2d, weight, bias, targets, call, need):
+        return (tuple(hidden2d.shape), need), (tuple(hidden2d.shape), need)
+
+    def logits_key(logits, targets, call):
+        if not graphs._ENABLED or call.with_info:
+            return None
+        family = (tuple(logits.shape), call.opts, call.ratio, call.sink is not None)
+        return (family, logits.data_ptr()), family
+
+    monkeypatch.setattr(graphs, "_head_key", head_key)
+    monkeypatch.setattr(graphs, "_logits_key", logits_key)
+    monkeypatch.setattr(graphs, "_record", record)
+    graphs.clear()
+    yield entries
+    graphs.clear()
+
+
+def _forward(hidden, weight, bias, targets):
+    """A head's loss and gradients, made up: each output depends on the inputs of the call."""
+    loss = (hidden.sum() + targets.sum()).reshape(())
+    return loss, 2 * hidden, weight * hidden.sum(), None
+
+
+def _call(rows, value, weight):
+    hidden = torch.full((rows, 3), float(value))
+    return graphs.run_head(hidden, weight, None, torch.arange(rows), None, _forward, (True, True, False))
+
+
+def test_seen_then_captured_then_replayed(recorded):
+    """The first call runs eagerly, the second captures and replays, later ones replay on their
+    own inputs; the loss is a copy, not the graph's own output."""
+    weight = torch.ones(2, 3)
+    assert _call(4, 1.0, weight) is None and recorded == []
+    loss, grad_hidden, grad_weight, grad_bias, release = _call(4, 2.0, weight)
+    assert len(recorded) == 1 and recorded[0].replays == 1 and recorded[0].busy
+    assert loss.item() == 4 * 3 * 2.0 + 6 and torch.equal(grad_hidden, torch.full((4, 3), 4.0))
+    assert grad_bias is None and loss.data_ptr() != recorded[0].outputs[0].data_ptr()
+    release.guard(lambda scale: (scale,))(torch.tensor(1.0))  # its backward lets the graph go
+    assert not recorded[0].busy
+    loss3, *_ = _call(4, 3.0, weight)
+    assert recorded[0].replays == 2 and loss3.item() == 4 * 3 * 3.0 + 6 and loss.item() == 4 * 3 * 2.0 + 6
+
+
+def test_busy_graph_runs_eagerly_and_is_let_go(recorded):
+    """While a replay's gradients wait for their backward, the same call runs eagerly; the
+    replay's release (its backward, or its autograd node going) lets the graph go, but the
+    release of an earlier replay does not."""
+    weight = torch.ones(2, 3)
+    _call(4, 1.0, weight)
+    first = _call(4, 1.0, weight)[-1]
+    assert _call(4, 1.0, weight) is None  # busy: eager
+    first.done()
+    second = _call(4, 1.0, weight)[-1]
+    assert recorded[0].replays == 2 and recorded[0].busy
+    del first  # an earlier replay's node going leaves the current one's hold
+    assert recorded[0].busy
+    del second
+    assert not recorded[0].busy
+
+
+def test_second_backward_after_a_replay_is_refused(recorded):
+    """A backward whose gradients the graph has overwritten since raises instead of reading
+    them; one with nothing replayed in between (retain_graph) reads them again."""
+    weight = torch.ones(2, 3)
+    _call(4, 1.0, weight)
+    release = _call(4, 1.0, weight)[-1]
+    scale = release.guard(lambda value: (value * 2,))
+    assert scale(torch.tensor(1.0))[0].item() == 2 and scale(torch.tensor(3.0))[0].item() == 6
+    later = _call(4, 5.0, weight)[-1]
+    with pytest.raises(RuntimeError, match="CGGR_CUDA_GRAPHS=0"):
+        scale(torch.tensor(1.0))
+    assert recorded[0].busy  # the refused backward did not let the later replay's gradients go
+    del later
+
+
+def test_least_recently_used_idle_graphs_are_dropped(recorded, monkeypatch):
+    """Beyond _MAX_GRAPHS the least recently used idle graph goes; one whose gradients are still
+    waiting stays; a call that fails to capture runs eagerly from then on."""
+    monkeypatch.setattr(graphs, "_MAX_GRAPHS", 2)
+    weight = torch.ones(2, 3)
+    held = []
+    for rows in (4, 5, 6):
+        _call(rows, 1.0, weight)
+        held.append(_call(rows, 1.0, weight)[-1])
+        if rows != 4:
+            held[-1].done()
+    kept = {key[0] for key, entry in graphs._graphs.items() if entry is not None}
+    assert kept == {(4, 3), (6, 3)}  # 4 was busy, 5 the least recently used idle one
+    _call(13, 1.0, weight)
+    assert _call(13, 1.0, weight) is None and graphs._graphs[((13, 3), (True, True, False))] is None
+    assert _call(13, 1.0, weight) is None and len(recorded) == 3
+
+
+def _logits_call(logits):
+    """run_logits of a made-up forward: (loss, gradient, row sums)."""
+    def forward(targets):
+        return (logits.sum() + targets.sum()).reshape(()), 2 * logits, logits.sum(1) + targets
+    return graphs.run_logits(logits, torch.arange(logits.shape[0]), _LogitsCall(), forward)
+
+
+class _LogitsCall:
+    opts, ratio, sink, with_info = None, 0.5, None, False
+
+
+def test_logits_graph_replays_while_no_view_of_its_outputs_is_left(recorded):
+    """A logits graph hands out views of its outputs and replays only once every view is gone:
+    a view kept (a saved tensor, a gradient turned into ``.grad``) sends calls down the eager
+    path, and they replay again once it goes."""
+    x = torch.randn(4, 3)
+    assert _logits_call(x) is None
+    loss, grad, sums = _logits_call(x)
+    entry = recorded[0]
+    assert grad.data_ptr() == entry.outputs[1].data_ptr() and torch.equal(grad, 2 * x)
+    assert loss.data_ptr() != entry.outputs[0].data_ptr()
+    assert _logits_call(x) is None  # views held: eager
+    del grad
+    assert _logits_call(x) is None  # one left
+    kept = sums[1:]  # a view of a view holds the storage too
+    del sums
+    assert _logits_call(x) is None
+    del kept
+    x.mul_(3)  # the graph reads the logits in place
+    loss, grad, sums = _logits_call(x)
+    assert entry.replays == 2 and torch.equal(grad, 2 * x) and loss.item() == pytest.approx(x.sum().item() + 6)
+    del grad, sums
+    assert _logits_call(torch.randn(4, 3)) is None  # another address: another key, seen first
+
+
+def test_logits_captures_stop_when_addresses_keep_changing(recorded, monkeypatch):
+    """Logits at a new address each call are captured at most _MAX_CAPTURES times per family."""
+    monkeypatch.setattr(graphs, "_MAX_CAPTURES", 3)
+    pool = [torch.randn(4, 3) for _ in range(5)]
+    for x in pool * 2:
+        out = _logits_call(x)
+        del out
+    assert len(recorded) == 3
+
+
+@pytest.mark.parametrize("selection", ["topk", "importance", "random", "stratified"])
+def test_logits_loss_through_a_graph_matches_eager(recorded, monkeypatch, selection):
+    """``cggr_cross_entropy`` on small logits with the stand-in graph: losses and gradients are
+    the eager ones (a leaf's gradient taken without a copy), a held ``.grad`` sends the next call
+    down the eager path, and a second backward (retain_graph) reads the saved rows."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(24, 50, generator=g)
+    targets = torch.randint(0, 50, (24,), generator=g)
+    targets[::5] = -100
+
+    def calls(enabled):
+        monkeypatch.setattr(graphs, "_ENABLED", enabled)
+        graphs.clear()
+        torch.manual_seed(7)
+        x = x0.clone().requires_grad_(True)
+        out = []
+        for scale in (1.0, 0.5, 2.0, 1.0):
+            loss = cggr.cggr_cross_entropy(x, targets, 0.4, selection=selection, backend="torch")
+            (loss * scale).backward()
+            out.append((loss.detach(), x.grad.clone()))
+            x.grad = None
+            with torch.no_grad():
+                x.mul_(0.9)
+        return out
+
+    graphed = calls(True)
+    assert len(recorded) == 1 and recorded[0].replays == 3
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(graphed, calls(False)):
+        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
+    """The gradient of a leaf becomes its ``.grad`` with no copy; while that ``.grad`` is held
+    the next call runs eagerly; retain_graph's second backward gives the gradient again; and
+    ``CGGRLoss`` (whose metrics read the graph's statistics) replays and reports what an eager
+    run reports."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 40, generator=g).requires_grad_(True)
+    targets = torch.randint(0, 40, (16,), generator=g)
+
+    def loss_of():
+        return cggr.cggr_cross_entropy(x, targets, 0.5, selection="topk", backend="torch")
+    loss_of().backward()
+    x.grad = None
+    loss = loss_of()
+    loss.backward(retain_graph=True)
+    entry = recorded[0]
+    assert entry.replays == 1 and x.grad.data_ptr() == entry.outputs[6].data_ptr()  # no copy
+    first = x.grad.clone()
+    assert loss_of() is not None and entry.replays == 1  # .grad held: eager
+    x.grad = None
+    loss.backward()
+    assert torch.equal(x.grad, first)
+    x.grad = None
+    del loss
+    loss_of().backward()
+    assert entry.replays == 2
+    x.grad = None
+
+    def metrics(enabled):
+        monkeypatch.setattr(graphs, "_ENABLED", enabled)
+        graphs.clear()
+        torch.manual_seed(9)
+        criterion = cggr.CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, backend="torch")
+        y = x.detach().clone().requires_grad_(True)
+        out = []
+        for _ in range(3):
+            criterion(y, targets).backward()
+            out.append(criterion.get_metrics())
+            y.grad = None
+            with torch.no_grad():
+                y.mul_(1.5)
+        return out
+    graphed, eager = metrics(True), metrics(False)
+    assert graphed == eager and len(recorded) == 2 and recorded[1].replays == 2
