@@ -294,20 +294,35 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
     of an eager run."""
     from cggr.ops import graphs
 
-    graphs.clear()
     g = torch.Generator(device="cuda").manual_seed(9)
     hidden = torch.randn(512, 64, device="cuda", generator=g)
-    weight = (torch.randn(2000, 64, device="cuda", generator=g) / 8).requires_grad_(True)
+    weight0 = torch.randn(2000, 64, device="cuda", generator=g) / 8
     targets = torch.randint(0, 2000, (512,), device="cuda", generator=g)
-    for _ in range(4):
-        loss = _cggr_cross_entropy(hidden @ weight.T, targets, 1.0)
-        loss.backward()
-        want = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets), weight)[0]
-        torch.testing.assert_close(weight.grad, want, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))
-        weight.grad = None
-    entries = [e for e in graphs._graphs.values() if e is not None]
-    assert len(entries) == 1 and entries[0].replays >= 1
+
+    def train(enabled):
+        graphs._ENABLED = enabled
+        graphs.clear()
+        weight = weight0.clone().requires_grad_(True)
+        out = []
+        try:
+            for _ in range(5):
+                loss = _cggr_cross_entropy(hidden @ weight.T, targets, 1.0)
+                loss.backward()
+                out.append((loss.detach(), weight.grad.clone()))
+                with torch.no_grad():
+                    weight -= weight.grad
+                weight.grad = None
+        finally:
+            graphs._ENABLED = True
+        return out, [e.replays for e in graphs._graphs.values() if e is not None]
+
+    (graphed, replays), (eager, _) = train(True), train(False)
+    assert replays == [4]
+    for (loss_a, grad_a), (loss_b, grad_b) in zip(graphed, eager):
+        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    w = weight0.clone().requires_grad_(True)
+    want = torch.autograd.grad(F.cross_entropy(hidden @ w.T, targets), w)[0]
+    torch.testing.assert_close(graphed[0][1], want, rtol=1e-4, atol=1e-6)
 
     x = torch.randn(300, 999, device="cuda", generator=g).requires_grad_(True)
     t = torch.randint(0, 999, (300,), device="cuda", generator=g)
