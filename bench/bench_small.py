@@ -7,7 +7,8 @@ start it, so a do_bench median moves with whatever else the host's CPU is doing 
 runs on the same machine). Each method is timed in every round, the methods alternated, and each
 row reports the fastest round (the host at its quietest), the median round and all rounds.
 Shapes: logits 4096 x 32,000 (bf16, 10% ignored rows) with ratio 0.25 for each selection, ratio
-1, ``CGGRLoss`` and ``torch.compile(F.cross_entropy)``; the head of a small model, 8192 tokens,
+1, ``topk`` with the default target check (a host sync), ``CGGRLoss`` and
+``torch.compile(F.cross_entropy)``; the head of a small model, 8192 tokens,
 H = 256, V = 16,384, with ratio 1 and 0.25 for each selection against ``h @ W.T`` +
 ``F.cross_entropy``.
 """
@@ -54,6 +55,7 @@ def logits_cases():
                                                                              check_targets=False))
              for sel in SELECTIONS}
     cases["cggr r=1.0"] = step(lambda: cggr_cross_entropy(x, t, 1.0, check_targets=False))
+    cases["cggr r=0.25 topk, target check"] = step(lambda: cggr_cross_entropy(x, t, 0.25, selection="topk"))
     cases["CGGRLoss(0.25) defaults"] = step(lambda: criterion(x, t))
     cases["torch.compile(F.cross_entropy)"] = step(lambda: compiled(x, t))
     cases["F.cross_entropy"] = step(lambda: F.cross_entropy(x, t))

@@ -166,13 +166,19 @@ def test_logits_graph_replays_while_no_view_of_its_outputs_is_left(recorded):
 
 
 def test_logits_captures_stop_when_addresses_keep_changing(recorded, monkeypatch):
-    """Logits at a new address each call are captured at most _MAX_CAPTURES times per family."""
-    monkeypatch.setattr(graphs, "_MAX_CAPTURES", 3)
+    """Logits at a new address each call are captured for at most _MAX_ADDRESSES addresses of
+    one family; a graph evicted and captured again at its address does not count twice."""
+    monkeypatch.setattr(graphs, "_MAX_ADDRESSES", 3)
     pool = [torch.randn(4, 3) for _ in range(5)]
     for x in pool * 2:
         out = _logits_call(x)
         del out
     assert len(recorded) == 3
+    monkeypatch.setattr(graphs, "_MAX_GRAPHS", 1)
+    for x in pool[:2] * 4:  # two addresses captured before, one graph kept: each capture evicts the other
+        out = _logits_call(x)
+        del out
+    assert len(recorded) > 4  # captured again and again, not stopped
 
 
 @pytest.mark.parametrize("selection", ["topk", "importance", "random", "stratified"])

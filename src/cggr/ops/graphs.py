@@ -24,8 +24,8 @@ gradient can become ``logits.grad`` without a copy), and the graph replays only 
 them is left, as their storages' use counts tell.
 
 At most ``_MAX_GRAPHS`` graphs are kept, each holding about one logits-sized buffer; calls whose
-addresses keep changing stop being captured after ``_MAX_CAPTURES`` captures of the same shapes
-and options. ``CGGR_CUDA_GRAPHS=0`` turns graphs off.
+addresses keep changing stop being captured after ``_MAX_ADDRESSES`` addresses of the same
+shapes and options. ``CGGR_CUDA_GRAPHS=0`` turns graphs off.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ _ENABLED = os.environ.get("CGGR_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS = 2
 _MAX_LOGITS = 1 << 28  # elements; larger buffers are not worth holding
 _MAX_SEEN = 64
-_MAX_CAPTURES = 8  # per family: a key without its addresses
+_MAX_ADDRESSES = 8  # keys captured per family (a key without its addresses)
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # (without it, no logits graphs)
 
 
@@ -99,14 +99,14 @@ class Release:
 
 _graphs: "collections.OrderedDict[tuple, Optional[_Entry]]" = collections.OrderedDict()
 _seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
-_captures: "dict[tuple, int]" = {}
+_captured: "dict[tuple, set]" = {}  # family -> the keys captured for it
 
 
 def clear() -> None:
     """Drop every captured graph and its memory."""
     _graphs.clear()
     _seen.clear()
-    _captures.clear()
+    _captured.clear()
 
 
 def _graphable(tensor: torch.Tensor, call) -> bool:
@@ -183,8 +183,8 @@ def _replayed(key: tuple, family: tuple, inputs: tuple, forward: Callable, track
         if len(_seen) > _MAX_SEEN:
             _seen.popitem(last=False)
         return None
-    elif _captures.get(family, 0) >= _MAX_CAPTURES:  # its addresses keep changing
-        return None
+    elif key not in _captured.setdefault(family, set()) and len(_captured[family]) >= _MAX_ADDRESSES:
+        return None  # its addresses keep changing
     else:
         entry = _capture(key, family, inputs, forward, tracked)
         if entry is None:
@@ -201,7 +201,7 @@ def _capture(key, family, inputs, forward, tracked) -> Optional[_Entry]:
     """A new entry for ``key`` with its forward recorded (None, and the key marked eager, where
     recording fails), evicting the least recently used idle graphs beyond ``_MAX_GRAPHS``."""
     del _seen[key]
-    _captures[family] = _captures.get(family, 0) + 1
+    _captured[family].add(key)
     entry = _Entry(tuple(t.detach().clone() for t in inputs), tracked)
     try:
         _record(entry, forward)
