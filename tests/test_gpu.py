@@ -333,17 +333,21 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
     entry = [e for e in graphs._graphs.values() if e is not None][0]
     assert x.grad.data_ptr() == entry.outputs[6].data_ptr()
     first = x.grad.clone()
-    loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad held: eager
+    _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad held: eager
     assert entry.replays == 1
-    loss.backward(retain_graph=True)  # accumulates into the held .grad
     x.grad = None
-    assert _cggr_cross_entropy(x, t, 0.5, selection="topk") is not None and entry.replays == 1  # retained
-    loss.backward()
+    loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")
+    loss.backward(retain_graph=True)
+    assert entry.replays == 2 and torch.equal(x.grad, first)
+    x.grad = None
+    _cggr_cross_entropy(x, t, 0.5, selection="topk")  # the retained graph's saved rows held: eager
+    assert entry.replays == 2
+    loss.backward()  # recomputed from the saved rows
     torch.testing.assert_close(x.grad, first)
     x.grad = None
     del loss
     _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
-    assert entry.replays == 2 and torch.equal(x.grad, first)
+    assert entry.replays == 3 and torch.equal(x.grad, first)
 
     def metrics():
         torch.manual_seed(3)
