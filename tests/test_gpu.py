@@ -200,7 +200,7 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
             with torch.no_grad():
                 weight -= weight.grad
             weight.grad = None
-        return out, [e for e in graphs._graphs.values() if e is not None]
+        return out, graphs.entries()
 
     (replayed, entries), (eager, _) = calls(True), calls(False)
     # Captured by the second call and replayed by it and every later one: a backward frees the
@@ -240,7 +240,7 @@ def test_small_head_graph_busy_and_retained():
                                + 2 * F.cross_entropy(hidden[1] @ weight.T, targets), (weight, *hidden))
     torch.testing.assert_close(first, list(want), rtol=1e-4, atol=1e-5)
     del total
-    assert not any(e is not None and e.busy for e in graphs._graphs.values())
+    assert not any(e.busy for e in graphs.entries())
 
     # A second backward after the graph ran again would read overwritten gradients: refused.
     loss = loss_of(hidden[0])
@@ -273,7 +273,7 @@ def test_logits_graph_replays_match_eager_calls(selection, monkeypatch):
             loss = _cggr_cross_entropy(x, targets, 0.3, selection=selection)
             (loss * scale).backward()
             out.append((loss.detach(), x.grad.clone()))
-            entries = [e for e in graphs._graphs.values() if e is not None]
+            entries = graphs.entries()
             if entries:
                 assert x.grad.data_ptr() == entries[0].outputs[6].data_ptr()  # taken without a copy
             x.grad = None
@@ -314,7 +314,7 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
                 weight.grad = None
         finally:
             graphs._ENABLED = True
-        return out, [e.replays for e in graphs._graphs.values() if e is not None]
+        return out, [e.replays for e in graphs.entries()]
 
     (graphed, replays), (eager, _) = train(True), train(False)
     assert replays == [4]
@@ -330,24 +330,28 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
     _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
     x.grad = None
     _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()  # captured: .grad is the graph's
-    entry = [e for e in graphs._graphs.values() if e is not None][0]
+    entry = graphs.entries()[0]
     assert x.grad.data_ptr() == entry.outputs[6].data_ptr()
     first = x.grad.clone()
-    _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad held: eager
-    assert entry.replays == 1
+    loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad holds the first graph: a second one
+    spare = graphs.entries()[1]
+    assert entry.replays == 1 and spare.replays == 1
     x.grad = None
-    loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")
     loss.backward(retain_graph=True)
-    assert entry.replays == 2 and torch.equal(x.grad, first)
+    assert torch.equal(x.grad, first) and x.grad.data_ptr() == spare.outputs[6].data_ptr()
     x.grad = None
-    _cggr_cross_entropy(x, t, 0.5, selection="topk")  # the retained graph's saved rows held: eager
+    assert _cggr_cross_entropy(x, t, 0.5, selection="topk") is not None  # the first graph again
     assert entry.replays == 2
+    _cggr_cross_entropy(x, t, 0.5, selection="topk")  # the retained graph's saved rows hold the second: eager
+    assert entry.replays == 2 and spare.replays == 1
     loss.backward()  # recomputed from the saved rows
     torch.testing.assert_close(x.grad, first)
-    x.grad = None
+    x.grad.zero_()  # kept: the gradients are added in
     del loss
-    _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
-    assert entry.replays == 3 and torch.equal(x.grad, first)
+    for _ in range(3):
+        _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()
+    assert entry.replays + spare.replays == 6 and torch.equal(x.grad, 3 * first)
+    x.grad = None
 
     def metrics():
         torch.manual_seed(3)
@@ -363,7 +367,7 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
         return out
     graphs.clear()
     graphed = metrics()
-    entries = [e for e in graphs._graphs.values() if e is not None]
+    entries = graphs.entries()
     assert len(entries) == 1 and entries[0].replays == 2
     graphs._ENABLED = False
     try:

@@ -142,26 +142,29 @@ class _LogitsCall:
 
 
 def test_logits_graph_replays_while_no_view_of_its_outputs_is_left(recorded):
-    """A logits graph hands out views of its outputs and replays only once every view is gone:
-    a view kept (a saved tensor, a gradient turned into ``.grad``) sends calls down the eager
-    path, and they replay again once it goes."""
+    """A logits graph hands out views of its outputs and replays only once every view is gone;
+    while one is held (a saved tensor, a gradient turned into ``.grad``) a second graph of the
+    same call replays, and with both held the call runs eagerly."""
     x = torch.randn(4, 3)
     assert _logits_call(x) is None
     loss, grad, sums = _logits_call(x)
-    entry = recorded[0]
-    assert grad.data_ptr() == entry.outputs[1].data_ptr() and torch.equal(grad, 2 * x)
-    assert loss.data_ptr() != entry.outputs[0].data_ptr()
-    assert _logits_call(x) is None  # views held: eager
+    first = recorded[0]
+    assert grad.data_ptr() == first.outputs[1].data_ptr() and torch.equal(grad, 2 * x)
+    assert loss.data_ptr() != first.outputs[0].data_ptr()
+    held = _logits_call(x)  # the first one's views held: a second graph
+    assert len(recorded) == 2 and recorded[1].replays == 1 and held[1].data_ptr() == recorded[1].outputs[1].data_ptr()
+    assert _logits_call(x) is None and len(recorded) == 2  # both held: eager, no third graph
+    del held
     del grad
-    assert _logits_call(x) is None  # one left
     kept = sums[1:]  # a view of a view holds the storage too
     del sums
-    assert _logits_call(x) is None
-    del kept
-    x.mul_(3)  # the graph reads the logits in place
+    x.mul_(3)  # the graphs read the logits in place
     loss, grad, sums = _logits_call(x)
-    assert entry.replays == 2 and torch.equal(grad, 2 * x) and loss.item() == pytest.approx(x.sum().item() + 6)
-    del grad, sums
+    assert recorded[1].replays == 2 and first.replays == 1 and torch.equal(grad, 2 * x)
+    assert loss.item() == pytest.approx(x.sum().item() + 6)
+    del grad, sums, kept
+    _logits_call(x)
+    assert first.replays == 2
     assert _logits_call(torch.randn(4, 3)) is None  # another address: another key, seen first
 
 
@@ -214,7 +217,7 @@ def test_logits_loss_through_a_graph_matches_eager(recorded, monkeypatch, select
 
 def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
     """The gradient of a leaf becomes its ``.grad`` with no copy; while that ``.grad`` is held
-    the next call runs eagerly; retain_graph's second backward gives the gradient again; and
+    a second graph replays; retain_graph's second backward gives the gradient again; and
     ``CGGRLoss`` (whose metrics read the graph's statistics) replays and reports what an eager
     run reports."""
     g = torch.Generator().manual_seed(4)
@@ -230,14 +233,20 @@ def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
     entry = recorded[0]
     assert entry.replays == 1 and x.grad.data_ptr() == entry.outputs[6].data_ptr()  # no copy
     first = x.grad.clone()
-    assert loss_of() is not None and entry.replays == 1  # .grad held: eager
+    loss_of()  # .grad and the retained graph hold the first graph: a second one replays
+    spare = recorded[1]
+    assert entry.replays == 1 and spare.replays == 1
     x.grad = None
-    loss.backward()
+    loss.backward()  # recomputed from the saved rows, which no replay has overwritten
     assert torch.equal(x.grad, first)
     x.grad = None
     del loss
     loss_of().backward()
-    assert entry.replays == 2
+    assert entry.replays == 2 and x.grad.data_ptr() == entry.outputs[6].data_ptr()
+    x.grad.zero_()  # .grad kept for good: the second graph takes over, its gradient added in
+    for _ in range(2):
+        loss_of().backward()
+    assert spare.replays == 3 and entry.replays == 2 and torch.equal(x.grad, 2 * first)
     x.grad = None
 
     def metrics(enabled):
@@ -255,4 +264,4 @@ def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
                 y.mul_(1.5)
         return out
     graphed, eager = metrics(True), metrics(False)
-    assert graphed == eager and len(recorded) == 2 and recorded[1].replays == 2
+    assert graphed == eager and len(recorded) == 3 and recorded[2].replays == 2

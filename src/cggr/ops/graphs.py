@@ -97,7 +97,7 @@ class Release:
         return scale
 
 
-_graphs: "collections.OrderedDict[tuple, Optional[_Entry]]" = collections.OrderedDict()
+_graphs: "collections.OrderedDict[tuple, Optional[list]]" = collections.OrderedDict()  # key -> its entries
 _seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
 _captured: "dict[tuple, set]" = {}  # family -> the keys captured for it
 
@@ -171,21 +171,25 @@ def run_logits(logits: torch.Tensor, targets: torch.Tensor, call, forward: Calla
 
 
 def _replayed(key: tuple, family: tuple, inputs: tuple, forward: Callable, tracked: bool) -> Optional[_Entry]:
-    """The entry of ``key`` replayed on ``inputs`` (copied into its static inputs), captured
+    """An entry of ``key`` replayed on ``inputs`` (copied into its static inputs), captured
     first the second time ``key`` is seen; None where the call is to run eagerly: the first
-    time, while the last replay's outputs are in use, or where capture failed or stopped."""
-    if key in _graphs:
-        entry = _graphs[key]
-        if entry is None or not entry.idle():
-            return None
-    elif key not in _seen:  # the first time: eagerly (it also compiles the kernels)
-        _seen[key] = None
-        if len(_seen) > _MAX_SEEN:
-            _seen.popitem(last=False)
+    time, while the last replays' outputs are in use, or where capture failed or stopped.
+    A tracked key whose graph is held gets a second graph: views of the first one's outputs
+    can stay held for good (a leaf's ``.grad`` that is zeroed, not set to None)."""
+    entries = _graphs.get(key, ())
+    if entries is None:
         return None
-    elif key not in _captured.setdefault(family, set()) and len(_captured[family]) >= _MAX_ADDRESSES:
-        return None  # its addresses keep changing
-    else:
+    entry = next((e for e in entries if e.idle()), None)
+    if entry is None:
+        if entries and (not tracked or len(entries) > 1):
+            return None
+        if not entries and key not in _seen:  # the first time: eagerly (it also compiles the kernels)
+            _seen[key] = None
+            if len(_seen) > _MAX_SEEN:
+                _seen.popitem(last=False)
+            return None
+        if key not in _captured.setdefault(family, set()) and len(_captured[family]) >= _MAX_ADDRESSES:
+            return None  # its addresses keep changing
         entry = _capture(key, family, inputs, forward, tracked)
         if entry is None:
             return None
@@ -199,8 +203,8 @@ def _replayed(key: tuple, family: tuple, inputs: tuple, forward: Callable, track
 
 def _capture(key, family, inputs, forward, tracked) -> Optional[_Entry]:
     """A new entry for ``key`` with its forward recorded (None, and the key marked eager, where
-    recording fails), evicting the least recently used idle graphs beyond ``_MAX_GRAPHS``."""
-    del _seen[key]
+    recording fails), evicting the least recently used idle keys beyond ``_MAX_GRAPHS`` graphs."""
+    _seen.pop(key, None)
     _captured[family].add(key)
     entry = _Entry(tuple(t.detach().clone() for t in inputs), tracked)
     try:
@@ -210,12 +214,19 @@ def _capture(key, family, inputs, forward, tracked) -> Optional[_Entry]:
         return None
     if tracked:
         entry.count_holders()
-    _graphs[key] = entry
-    idle = [k for k, e in _graphs.items() if e is not None and e.idle() and k != key]
-    excess = sum(e is not None for e in _graphs.values()) - _MAX_GRAPHS
-    for oldest in idle[:max(0, excess)]:  # least recently used first
-        del _graphs[oldest]
+    _graphs[key] = [*_graphs.get(key, ()), entry]
+    idle = [k for k, v in _graphs.items() if v and k != key and all(e.idle() for e in v)]
+    excess = len(entries()) - _MAX_GRAPHS
+    for oldest in idle:  # least recently used first
+        if excess <= 0:
+            break
+        excess -= len(_graphs.pop(oldest))
     return entry
+
+
+def entries() -> list:
+    """Every captured graph's entry."""
+    return [e for v in _graphs.values() if v for e in v]
 
 
 def _record(entry: _Entry, forward: Callable) -> None:
