@@ -33,8 +33,8 @@ from them by `python bench/report.py --write`; the project README quotes the hea
 - `python bench/bench_small.py [--rounds N]`: the small shapes, where host time sets the pace,
   timed in alternated rounds (fastest and median round): 4096 × 32,000 logits and the head of a
   256-wide model with a 16,384-token vocabulary. `small_H200_nographs.json` ran with
-  `CGGR_CUDA_GRAPHS=0`; the files before `small_H200_run6.json` (and `small_H200_run3.json` to
-  `_run5.json` for the logits) predate the CUDA graphs they would now replay.
+  `CGGR_CUDA_GRAPHS=0`; `small_H200_run1.json` to `_run5.json` predate the CUDA graphs the calls
+  now replay.
 - `python bench/bench_e2e.py [--max-batch] [--no-timing]`: whole training steps of SmolLM2-135M,
   Qwen2.5-0.5B and Llama-3.2-1B shapes with `apply_cggr`, the model's own loss, Liger's patch and
   cut-cross-entropy (with its default gradient filter, which skips blocks of small gradient
