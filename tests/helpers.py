@@ -58,3 +58,25 @@ def scoring_options(scoring, targets, seed=0):
         return {"scoring": scoring}
     g = torch.Generator().manual_seed(seed)
     return {"scoring": scoring, "reference_loss": torch.rand(targets.shape, generator=g, dtype=torch.float64) * 3}
+
+
+def with_and_without_graphs(monkeypatch, run, seed: int):
+    """``[(run(), graph entries), (run(), [])]``: ``run`` with CUDA graphs on, then off, each time
+    from no captured graph and ``torch.manual_seed(seed)``."""
+    from cggr.ops import graphs
+
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(graphs, "_ENABLED", enabled)
+        graphs.clear()
+        torch.manual_seed(seed)
+        out.append((run(), graphs.entries()))
+    graphs.clear()
+    return out
+
+
+def assert_equal_steps(graphed, eager):
+    """Each step's tensors (loss, gradients...) are the same to the bit with and without graphs."""
+    assert len(graphed) == len(eager)
+    for step_a, step_b in zip(graphed, eager):
+        assert all(torch.equal(a, b) for a, b in zip(step_a, step_b))

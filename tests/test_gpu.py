@@ -14,7 +14,7 @@ from cggr import CGGRLoss
 from cggr.functional import cggr_cross_entropy as _cggr_cross_entropy
 from cggr.scoring import SCORINGS
 from cggr.selection import SELECTIONS
-from helpers import assert_backends_agree
+from helpers import assert_backends_agree, assert_equal_steps, with_and_without_graphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -178,18 +178,13 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
     (the default generator advances as in eager calls), while the weight changes in place
     between calls and hidden is a new tensor each time; a loss kept from an earlier call is not
     overwritten by later replays."""
-    from cggr.ops import graphs
-
     g = torch.Generator(device="cuda").manual_seed(5)
     weight0 = torch.randn(1000, 64, device="cuda", generator=g, dtype=torch.bfloat16) / 8
     hiddens = [torch.randn(4, 96, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(5)]
     targets = torch.randint(0, 1000, (4, 96), device="cuda", generator=g)
     targets[:, ::9] = -100
 
-    def calls(enabled):
-        monkeypatch.setattr(graphs, "_ENABLED", enabled)
-        graphs.clear()
-        torch.manual_seed(11)
+    def calls():
         weight = weight0.clone().requires_grad_(True)
         out = []
         for hidden in hiddens:
@@ -200,14 +195,13 @@ def test_small_head_graph_replays_match_eager_calls(selection, monkeypatch):
             with torch.no_grad():
                 weight -= weight.grad
             weight.grad = None
-        return out, graphs.entries()
+        return out
 
-    (replayed, entries), (eager, _) = calls(True), calls(False)
+    (replayed, entries), (eager, _) = with_and_without_graphs(monkeypatch, calls, seed=11)
     # Captured by the second call and replayed by it and every later one: a backward frees the
     # graph for the next call although its loss is still held.
     assert len(entries) == 1 and entries[0].replays == len(hiddens) - 1
-    for (loss_a, h_a, w_a), (loss_b, h_b, w_b) in zip(replayed, eager):
-        assert torch.equal(loss_a, loss_b) and torch.equal(h_a, h_b) and torch.equal(w_a, w_b)
+    assert_equal_steps(replayed, eager)
     assert len({loss.item() for loss, _, _ in replayed}) == len(replayed)  # kept losses not overwritten
 
 
@@ -263,10 +257,7 @@ def test_logits_graph_replays_match_eager_calls(selection, monkeypatch):
     targets = torch.randint(0, 3000, (4, 256), device="cuda", generator=g)
     targets[:, ::7] = -100
 
-    def calls(enabled):
-        monkeypatch.setattr(graphs, "_ENABLED", enabled)
-        graphs.clear()
-        torch.manual_seed(12)
+    def calls():
         x = x0.clone().requires_grad_(True)
         out = []
         for scale in (1.0, 0.5, 1.0, 2.0, 1.0):
@@ -279,19 +270,18 @@ def test_logits_graph_replays_match_eager_calls(selection, monkeypatch):
             x.grad = None
             with torch.no_grad():
                 x.mul_(0.75)
-        return out, entries
+        return out
 
-    (replayed, entries), (eager, _) = calls(True), calls(False)
+    (replayed, entries), (eager, _) = with_and_without_graphs(monkeypatch, calls, seed=12)
     assert len(entries) == 1 and entries[0].replays == 4
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(replayed, eager):
-        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    assert_equal_steps(replayed, eager)
 
 
-def test_logits_graph_in_a_training_loop_and_cggrloss():
+def test_logits_graph_in_a_training_loop_and_cggrloss(monkeypatch):
     """Logits formed anew each step by a head (the allocator's address repeats): the graphed
-    steps give what the plain loss's gradient formula gives, a held ``.grad`` or a retained
-    autograd graph sends a call down the eager path, and ``CGGRLoss`` replays with the metrics
-    of an eager run."""
+    steps give the eager ones; a held ``.grad`` or a retained autograd graph holds a graph, and
+    a second one takes over or the call runs eagerly; ``CGGRLoss`` replays with the metrics of
+    an eager run."""
     from cggr.ops import graphs
 
     g = torch.Generator(device="cuda").manual_seed(9)
@@ -299,27 +289,21 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
     weight0 = torch.randn(2000, 64, device="cuda", generator=g) / 8
     targets = torch.randint(0, 2000, (512,), device="cuda", generator=g)
 
-    def train(enabled):
-        graphs._ENABLED = enabled
-        graphs.clear()
+    def train():
         weight = weight0.clone().requires_grad_(True)
         out = []
-        try:
-            for _ in range(5):
-                loss = _cggr_cross_entropy(hidden @ weight.T, targets, 1.0)
-                loss.backward()
-                out.append((loss.detach(), weight.grad.clone()))
-                with torch.no_grad():
-                    weight -= weight.grad
-                weight.grad = None
-        finally:
-            graphs._ENABLED = True
-        return out, [e.replays for e in graphs.entries()]
+        for _ in range(5):
+            loss = _cggr_cross_entropy(hidden @ weight.T, targets, 1.0)
+            loss.backward()
+            out.append((loss.detach(), weight.grad.clone()))
+            with torch.no_grad():
+                weight -= weight.grad
+            weight.grad = None
+        return out
 
-    (graphed, replays), (eager, _) = train(True), train(False)
-    assert replays == [4]
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(graphed, eager):
-        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    (graphed, entries), (eager, _) = with_and_without_graphs(monkeypatch, train, seed=0)
+    assert [e.replays for e in entries] == [4]
+    assert_equal_steps(graphed, eager)
     w = weight0.clone().requires_grad_(True)
     want = torch.autograd.grad(F.cross_entropy(hidden @ w.T, targets), w)[0]
     torch.testing.assert_close(graphed[0][1], want, rtol=1e-4, atol=1e-6)
@@ -353,7 +337,6 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
     x.grad = None
 
     def metrics():
-        torch.manual_seed(3)
         criterion = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0)
         y = x.detach().clone().requires_grad_(True)
         out = []
@@ -364,15 +347,8 @@ def test_logits_graph_in_a_training_loop_and_cggrloss():
             with torch.no_grad():
                 y.mul_(1.25)
         return out
-    graphs.clear()
-    graphed = metrics()
-    entries = graphs.entries()
+    (graphed, entries), (eager, _) = with_and_without_graphs(monkeypatch, metrics, seed=3)
     assert len(entries) == 1 and entries[0].replays == 3  # seen, then captured and replayed
-    graphs._ENABLED = False
-    try:
-        eager = metrics()
-    finally:
-        graphs._ENABLED = True
     for (m_a, grad_a), (m_b, grad_b) in zip(graphed, eager):
         assert m_a == m_b and torch.equal(grad_a, grad_b)
 

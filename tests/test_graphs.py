@@ -7,6 +7,7 @@ import torch
 
 import cggr
 from cggr.ops import graphs
+from helpers import assert_equal_steps, with_and_without_graphs
 
 
 class _Replayer:
@@ -186,18 +187,15 @@ def test_logits_captures_stop_when_addresses_keep_changing(recorded, monkeypatch
 
 @pytest.mark.parametrize("selection", ["topk", "importance", "random", "stratified"])
 def test_logits_loss_through_a_graph_matches_eager(recorded, monkeypatch, selection):
-    """``cggr_cross_entropy`` on small logits with the stand-in graph: losses and gradients are
-    the eager ones (a leaf's gradient taken without a copy), a held ``.grad`` sends the next call
-    down the eager path, and a second backward (retain_graph) reads the saved rows."""
+    """``cggr_cross_entropy`` on small logits with the stand-in graph: its losses and gradients
+    are the eager ones, random selections too, with the logits changed in place and another
+    upstream gradient each call."""
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(24, 50, generator=g)
     targets = torch.randint(0, 50, (24,), generator=g)
     targets[::5] = -100
 
-    def calls(enabled):
-        monkeypatch.setattr(graphs, "_ENABLED", enabled)
-        graphs.clear()
-        torch.manual_seed(7)
+    def calls():
         x = x0.clone().requires_grad_(True)
         out = []
         for scale in (1.0, 0.5, 2.0, 1.0):
@@ -209,10 +207,9 @@ def test_logits_loss_through_a_graph_matches_eager(recorded, monkeypatch, select
                 x.mul_(0.9)
         return out
 
-    graphed = calls(True)
-    assert len(recorded) == 1 and recorded[0].replays == 3
-    for (loss_a, grad_a), (loss_b, grad_b) in zip(graphed, calls(False)):
-        assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    (graphed, entries), (eager, _) = with_and_without_graphs(monkeypatch, calls, seed=7)
+    assert len(entries) == 1 and entries[0].replays == 3
+    assert_equal_steps(graphed, eager)
 
 
 def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
@@ -249,10 +246,7 @@ def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
     assert spare.replays == 3 and entry.replays == 2 and torch.equal(x.grad, 2 * first)
     x.grad = None
 
-    def metrics(enabled):
-        monkeypatch.setattr(graphs, "_ENABLED", enabled)
-        graphs.clear()
-        torch.manual_seed(9)
+    def metrics():
         criterion = cggr.CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, backend="torch")
         y = x.detach().clone().requires_grad_(True)
         out = []
@@ -263,5 +257,5 @@ def test_logits_graph_leaf_grad_retain_graph_and_metrics(recorded, monkeypatch):
             with torch.no_grad():
                 y.mul_(1.5)
         return out
-    graphed, eager = metrics(True), metrics(False)
-    assert graphed == eager and len(recorded) == 3 and recorded[2].replays == 2
+    (graphed, entries), (eager, _) = with_and_without_graphs(monkeypatch, metrics, seed=9)
+    assert graphed == eager and len(entries) == 1 and entries[0].replays == 2
