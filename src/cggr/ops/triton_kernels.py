@@ -499,7 +499,6 @@ def _kth_largest(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, n_rows
     its bits, and how many rows equal to it are kept (the first ones). When every valid row is
     kept (k >= n_valid) no search is needed: prefix is -1, below every key. For 0 < k."""
     cols = tl.arange(0, CHUNK)
-    bins = tl.arange(0, 256)
     # prefix: the high bits of the k-th largest key found so far; remaining: rows still to place
     # at or below it.
     prefix = tl.sum(tl.zeros((CHUNK,), tl.int32), 0) - 1
@@ -508,19 +507,35 @@ def _kth_largest(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, n_rows
         prefix = prefix + 1
         remaining = k
         for digit_index in tl.static_range(4):
-            shift = 24 - 8 * digit_index
             hist = tl.zeros((256,), tl.int32)
             for start in range(0, n_rows, CHUNK):
                 key, valid = _step_keys(first_key, first_valid, keys_ptr, valid_ptr, forced_ptr, start + cols,
                                         n_rows, KEY_STRIDE, KEYS_ARE_SCORES, ONE_STEP, FORCED)
-                if digit_index > 0:
-                    valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                hist += tl.histogram((key >> shift) & 255, 256, mask=valid)
-            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
-            digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
-            remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-            prefix = prefix | (digit << shift)
+                hist += _digit_histogram(key, valid, prefix, digit_index)
+            prefix, remaining = _next_digit(hist, prefix, remaining, digit_index)
     return prefix, remaining
+
+
+@triton.jit
+def _digit_histogram(key, valid, prefix, digit_index: tl.constexpr):
+    """How many of the rows ``valid`` whose higher digits match ``prefix``'s have each value of
+    digit ``digit_index`` (8 bits, the highest first) of ``key``."""
+    shift = 24 - 8 * digit_index
+    if digit_index > 0:
+        valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+    return tl.histogram((key >> shift) & 255, 256, mask=valid)
+
+
+@triton.jit
+def _next_digit(hist, prefix, remaining, digit_index: tl.constexpr):
+    """(prefix, remaining) after digit ``digit_index`` of the radix select: the digit under
+    which the ``remaining``-th largest row falls, given its histogram, and how many rows still
+    to place at or below the new prefix."""
+    bins = tl.arange(0, 256)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
+    digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
+    remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+    return prefix | (digit << (24 - 8 * digit_index)), remaining
 
 
 @triton.jit
@@ -605,22 +620,13 @@ def _radix_top(key, valid, k):
     """Which of the rows ``valid`` are among the ``k`` of largest non-negative int32 ``key``,
     ties to the lower row index (one block of rows): a 4-pass radix select for the k-th key,
     then the first ``remaining`` rows equal to it."""
-    bins = tl.arange(0, 256)
     prefix = tl.sum(tl.zeros(key.shape, tl.int32), 0)
     remaining = k
     for digit_index in tl.static_range(4):
-        shift = 24 - 8 * digit_index
-        in_prefix = valid
-        if digit_index > 0:
-            in_prefix = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-        hist = tl.histogram((key >> shift) & 255, 256, mask=in_prefix)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # rows whose digit is >= each bin
-        digit = tl.max(tl.where(at_least >= remaining, bins, 0), 0)
-        remaining -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-        prefix = prefix | (digit << shift)
-    tie = valid & (key == prefix)
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
-    return valid & ((key > prefix) | (tie & (tie_rank < remaining))) & (k > 0)
+        prefix, remaining = _next_digit(_digit_histogram(key, valid, prefix, digit_index), prefix, remaining,
+                                        digit_index)
+    chosen, _ = _take(key, valid, prefix, remaining, k - k)
+    return chosen & (k > 0)
 
 
 @triton.jit
