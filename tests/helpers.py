@@ -62,15 +62,17 @@ def scoring_options(scoring, targets, seed=0):
 
 def with_and_without_graphs(monkeypatch, run, seed: int):
     """``[(run(), graph entries), (run(), [])]``: ``run`` with CUDA graphs on, then off, each time
-    from no captured graph and ``torch.manual_seed(seed)``."""
+    from no captured graph and ``torch.manual_seed(seed)``; graphs on or off as before after."""
     from cggr.ops import graphs
 
     out = []
+    before = graphs._ENABLED
     for enabled in (True, False):
         monkeypatch.setattr(graphs, "_ENABLED", enabled)
         graphs.clear()
         torch.manual_seed(seed)
         out.append((run(), graphs.entries()))
+    monkeypatch.setattr(graphs, "_ENABLED", before)
     graphs.clear()
     return out
 
