@@ -135,8 +135,7 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
                 stats, reduced, grad, lse = _from_graph(replayed, call)
             ctx.scale_grad = backend.scaler(grad)
         else:
-            stats, valid = stats_and_valid(backend, logits, targets, call.opts, call.reference_loss, call.needs_info)
-            reduced = select_and_reduce(stats, valid, call.ratio, call.opts, call.seq_shape, _fused_select(backend))
+            stats, reduced = _selected(logits, targets, call, call.needs_info)
             lse = stats.lse
         ctx.save_for_backward(logits, targets, lse, reduced.mask, reduced.coef)
         return _outputs(ctx, stats, reduced, call.with_info, call.sink)
@@ -163,28 +162,36 @@ class CGGRCrossEntropyFunction(torch.autograd.Function):
         return grad, None, None
 
 
+def _selected(logits, targets, call: Call, need_stats: bool):
+    """``(stats, reduced)`` of one call's logits; ``need_stats``: whether anything reads the
+    statistics beyond ``lse`` and the score (the info)."""
+    backend = call.backend
+    stats, valid = stats_and_valid(backend, logits, targets, call.opts, call.reference_loss, need_stats)
+    return stats, select_and_reduce(stats, valid, call.ratio, call.opts, call.seq_shape, _fused_select(backend))
+
+
 def _formed_logits(logits, targets, call: Call, need_stats: bool):
-    """``(stats, reduced, logits gradient)`` of one call, the gradient formed now; ``need_stats``:
-    whether anything reads the statistics beyond ``lse`` (the info)."""
-    backend, opts = call.backend, call.opts
-    stats, valid = stats_and_valid(backend, logits, targets, opts, call.reference_loss, need_stats)
-    reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
-    return stats, reduced, backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask, opts)
+    """``(stats, reduced, logits gradient)`` of one call, the gradient formed now."""
+    stats, reduced = _selected(logits, targets, call, need_stats)
+    return stats, reduced, call.backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask, call.opts)
+
+
+_REDUCED_TENSORS = 6  # Reduced's fields before ``ratio`` and ``full_loss``, which a graph does not return
 
 
 def _graphed_logits(logits, call: Call, need_stats: bool, targets):
     """:func:`_formed_logits` as the flat tensors a graph returns (see :func:`_from_graph`)."""
     stats, reduced, grad = _formed_logits(logits, targets, call, need_stats)
     columns = () if not need_stats else (stats.block,) if stats.block is not None else tuple(stats)
-    return (*reduced[:6], grad, stats.lse, *columns)
+    return (*reduced[:_REDUCED_TENSORS], grad, stats.lse, *columns)
 
 
 def _from_graph(outputs, call: Call):
     """``(stats, reduced, logits gradient, lse)`` from a graph's outputs; ``stats`` is None
     unless a sink reads it."""
-    grad, lse, *columns = outputs[6:]
+    grad, lse, *columns = outputs[_REDUCED_TENSORS:]
     stats = None if not columns else RowStats.from_columns(*columns) if len(columns) == 1 else RowStats(*columns)
-    return stats, Reduced(*outputs[:6], call.ratio), grad, lse
+    return stats, Reduced(*outputs[:_REDUCED_TENSORS], call.ratio), grad, lse
 
 
 def cggr_cross_entropy_apply(logits, targets_flat, reference_loss, backend, ratio, opts, seq_shape,
@@ -511,8 +518,7 @@ def _formed_head(hidden2d, weight, bias, targets_flat, call: Call, need):
     backend, opts, plan = call.backend, call.opts, call.plan
     cast_weight = _cast_weight(weight, plan)
     logits = _project(hidden2d, cast_weight, bias)
-    stats, valid = stats_and_valid(backend, logits, targets_flat, opts, call.reference_loss, call.needs_info)
-    reduced = select_and_reduce(stats, valid, call.ratio, opts, call.seq_shape, _fused_select(backend))
+    stats, reduced = _selected(logits, targets_flat, call, call.needs_info)
     # The logits become their gradient, zero on the rows not selected.
     grad_logits = backend.logits_grad(logits, targets_flat, stats.lse, reduced.coef, reduced.mask, opts, out=logits)
     del logits
