@@ -68,6 +68,7 @@ class _Entry:
         self.baseline = tuple((t, _uses(t)) for t in storages.values())
 
     def idle(self) -> bool:
+        """Whether the last replay is done with the outputs (the next may overwrite them)."""
         return not self.busy and all(_uses(t) <= count for t, count in self.baseline)
 
 
