@@ -27,6 +27,7 @@ from _results import write_result  # noqa: E402
 from cggr import CGGRLoss  # noqa: E402
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
 from cggr.selection import SELECTIONS  # noqa: E402
+from profile_step import backward_step, head_inputs  # noqa: E402
 
 SEQ_LEN = 2048  # sequence_aware sees the rows as [N / 2048, 2048]
 
@@ -47,10 +48,7 @@ def logits_cases():
     criterion = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0)
 
     def step(loss_fn):
-        def run():
-            loss_fn().backward()
-            x.grad = None
-        return run
+        return backward_step(loss_fn, x)
     cases = {f"cggr r=0.25 {sel}": step(lambda sel=sel: cggr_cross_entropy(*_rows(sel, x, t), 0.25, selection=sel,
                                                                              check_targets=False))
              for sel in SELECTIONS}
@@ -64,16 +62,10 @@ def logits_cases():
 
 def head_cases():
     n, h_dim, v = 8192, 256, 16384
-    h = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda")
-    t[torch.rand(n, device="cuda") < 0.1] = -100
+    h, w, t = head_inputs(n, h_dim, v, ignored=0.1)
 
     def step(loss_fn):
-        def run():
-            loss_fn().backward()
-            h.grad = w.grad = None
-        return run
+        return backward_step(loss_fn, h, w)
     cases = {f"cggr linear r=0.25 {sel}": step(
         lambda sel=sel: cggr_linear_cross_entropy(*_rows(sel, h, t)[:1], w, _rows(sel, h, t)[1], 0.25, selection=sel,
                                                   check_targets=False)) for sel in SELECTIONS}

@@ -103,25 +103,42 @@ def report(label, step, tiny_step):
         print(f"      {t:7.3f}  {name}")
 
 
-def loss_step(n, v, kw):
-    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randint(0, v, (n,), device="cuda")
-
+def backward_step(loss_fn, *leaves, one_thread=False):
+    """A step: ``loss_fn().backward()`` (with ``one_thread``, on the caller's thread rather than
+    autograd's device thread), then the ``leaves``' gradients dropped, as ``zero_grad`` does."""
     def step():
-        cggr_cross_entropy(x, t, check_targets=False, **kw).backward()
-        x.grad = None
+        if one_thread:
+            with torch.autograd.set_multithreading_enabled(False):
+                loss_fn().backward()
+        else:  # no context to enter: its Python would count in every host time
+            loss_fn().backward()
+        for leaf in leaves:
+            leaf.grad = None
     return step
 
 
-def linear_step(n, h, v, kw):
+def head_inputs(n, h, v, ignored=0.0):
+    """A small model's head on the GPU: bf16 hidden ``[n, h]`` and weight ``[v, h]`` (scaled by
+    ``h ** -0.5``), both needing gradients, and int64 targets ``[n]``, about ``ignored`` of them
+    -100."""
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) / h ** 0.5).requires_grad_(True)
     t = torch.randint(0, v, (n,), device="cuda")
+    if ignored:
+        t[torch.rand(n, device="cuda") < ignored] = -100
+    return hidden, weight, t
 
-    def step():
-        cggr_linear_cross_entropy(hidden, weight, t, check_targets=False, **kw).backward()
-        hidden.grad = weight.grad = None
-    return step
+
+def loss_step(n, v, kw):
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    return backward_step(lambda: cggr_cross_entropy(x, t, check_targets=False, **kw), x)
+
+
+def linear_step(n, h, v, kw):
+    hidden, weight, t = head_inputs(n, h, v)
+    return backward_step(lambda: cggr_linear_cross_entropy(hidden, weight, t, check_targets=False, **kw), hidden,
+                         weight)
 
 
 def training_head_step(n, h, v, ratio):

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.core import LossOptions, select_and_reduce  # noqa: E402
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
-from profile_step import host_and_bench_rounds  # noqa: E402
+from profile_step import backward_step, head_inputs, host_and_bench_rounds  # noqa: E402
 
 OPTS = {s: LossOptions(selection=s) for s in ("topk", "importance")}
 
@@ -49,16 +49,10 @@ def surrogate_dot(h, w, t, ratio, selection):
 
 
 def cases(n, hd, v):
-    h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / hd ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda")
-    t[torch.rand(n, device="cuda") < 0.1] = -100
+    h, w, t = head_inputs(n, hd, v, ignored=0.1)
 
     def make(fn):
-        def step():
-            fn().backward()
-            h.grad = w.grad = None
-        return step
+        return backward_step(fn, h, w)
     out = {"plain": make(lambda: F.cross_entropy(h @ w.T, t))}
     for ratio, sel in ((0.25, "topk"), (1.0, "importance")):
         out[f"cggr r={ratio}"] = make(lambda r=ratio, s=sel: cggr_linear_cross_entropy(h, w, t, r, selection=s,

@@ -21,7 +21,7 @@ from probe_cpp_backward import formed  # noqa: E402
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
 from cggr.ops.autograd import _ScaledGradients  # noqa: E402
-from profile_step import host_and_bench_rounds  # noqa: E402
+from profile_step import backward_step, head_inputs, host_and_bench_rounds  # noqa: E402
 
 
 class GraphedHead:
@@ -48,18 +48,12 @@ class GraphedHead:
 
 
 def cases(n, hd, v):
-    h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / hd ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda")
-    t[torch.rand(n, device="cuda") < 0.1] = -100
+    h, w, t = head_inputs(n, hd, v, ignored=0.1)
     cggr_linear_cross_entropy(h, w, t, 0.25, selection="topk", check_targets=False)  # compile the kernels
     graphed = GraphedHead(h, w, t, 0.25)
 
     def make(fn):
-        def step():
-            fn().backward()
-            h.grad = w.grad = None
-        return step
+        return backward_step(fn, h, w)
     return {"plain": make(lambda: F.cross_entropy(h @ w.T, t)),
             "cggr r=0.25 topk": make(lambda: cggr_linear_cross_entropy(h, w, t, 0.25, selection="topk",
                                                                         check_targets=False)),

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.core import LossOptions, select_and_reduce  # noqa: E402
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
 from cggr.ops import triton_backend as tb  # noqa: E402
-from profile_step import host_ms  # noqa: E402
+from profile_step import backward_step, head_inputs, host_ms  # noqa: E402
 
 
 class PyIdentity(torch.autograd.Function):
@@ -66,16 +66,10 @@ def python_node(h, w, t, ratio):
 
 
 def cases(n, hd, v):
-    h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / hd ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda")
+    h, w, t = head_inputs(n, hd, v)
 
     def make(fn, one_thread=False):
-        def step():
-            with torch.autograd.set_multithreading_enabled(not one_thread):
-                fn().backward()
-            h.grad = w.grad = None
-        return step
+        return backward_step(fn, h, w, one_thread=one_thread)
     plain = lambda: F.cross_entropy(h @ w.T, t)  # noqa: E731
     return {
         "plain": make(plain),

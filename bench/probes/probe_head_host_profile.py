@@ -13,21 +13,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cggr.functional import cggr_linear_cross_entropy  # noqa: E402
-from profile_step import host_profile, host_us  # noqa: E402
+from profile_step import backward_step, head_inputs, host_profile, host_us  # noqa: E402
 
 
 def main():
     profiled = sys.argv[1] if len(sys.argv) > 1 else "topk"
-    h = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randint(0, 256, (64,), device="cuda")
+    h, w, t = head_inputs(64, 256, 256)
 
     def make(fn, one_thread=False):
-        def step():
-            with torch.autograd.set_multithreading_enabled(not one_thread):
-                fn().backward()
-            h.grad = w.grad = None
-        return step
+        return backward_step(fn, h, w, one_thread=one_thread)
 
     def fused(selection, ratio=0.25):
         hh, tt = (h.view(1, 64, 256), t.view(1, 64)) if selection == "sequence_aware" else (h, t)

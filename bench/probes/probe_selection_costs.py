@@ -23,7 +23,7 @@ from triton.testing import do_bench  # noqa: E402
 from cggr.functional import cggr_cross_entropy, cggr_linear_cross_entropy  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # after cggr: profile_step adds this tree's src
-from profile_step import cuda_kernels, host_us  # noqa: E402
+from profile_step import backward_step, cuda_kernels, head_inputs, host_us  # noqa: E402
 
 SELECTIONS = ("topk", "importance", "random", "stratified", "sequence_aware")
 SEQ_LEN = 2048
@@ -40,24 +40,14 @@ def kernels(step, calls=10):
 
 
 def make_head(n, h_dim, v):
-    h = torch.randn(n, h_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(v, h_dim, device="cuda", dtype=torch.bfloat16) / h_dim ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device="cuda")
-    t[torch.rand(n, device="cuda") < 0.1] = -100
+    h, w, t = head_inputs(n, h_dim, v, ignored=0.1)
 
     def case(ratio, selection):
         seq = min(SEQ_LEN, n)
         hh, tt = (h.view(-1, seq, h_dim), t.view(-1, seq)) if selection == "sequence_aware" else (h, t)
-
-        def run():
-            cggr_linear_cross_entropy(hh, w, tt, ratio, selection=selection, check_targets=False).backward()
-            h.grad = w.grad = None
-        return run
-
-    def plain():
-        torch.nn.functional.cross_entropy(h @ w.T, t).backward()
-        h.grad = w.grad = None
-    return case, plain
+        return backward_step(lambda: cggr_linear_cross_entropy(hh, w, tt, ratio, selection=selection,
+                                                               check_targets=False), h, w)
+    return case, backward_step(lambda: torch.nn.functional.cross_entropy(h @ w.T, t), h, w)
 
 
 def make_logits(n, v):
@@ -69,15 +59,8 @@ def make_logits(n, v):
         seq = min(SEQ_LEN, n)
         xx, tt = (x.view(-1, seq, v), t.view(-1, seq)) if selection == "sequence_aware" else (x, t)
 
-        def run():
-            cggr_cross_entropy(xx, tt, ratio, selection=selection, check_targets=False).backward()
-            x.grad = None
-        return run
-
-    def plain():
-        torch.nn.functional.cross_entropy(x, t).backward()
-        x.grad = None
-    return case, plain
+        return backward_step(lambda: cggr_cross_entropy(xx, tt, ratio, selection=selection, check_targets=False), x)
+    return case, backward_step(lambda: torch.nn.functional.cross_entropy(x, t), x)
 
 
 def main():
