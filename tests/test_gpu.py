@@ -26,6 +26,8 @@ cggr_linear_cross_entropy = functools.partial(cggr.cggr_linear_cross_entropy, se
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
+_GRAD = 3  # the logits gradient's place among a logits graph's outputs (ops.autograd._graphed_logits)
+
 
 def _pair(logits, targets, ratio, **kw):
     """Loss, grad and info from the Triton and the torch backend on the same GPU tensors."""
@@ -266,7 +268,7 @@ def test_logits_graph_replays_match_eager_calls(selection, monkeypatch):
             out.append((loss.detach(), x.grad.clone()))
             entries = graphs.entries()
             if entries:
-                assert x.grad.data_ptr() == entries[0].outputs[6].data_ptr()  # taken without a copy
+                assert x.grad.data_ptr() == entries[0].outputs[_GRAD].data_ptr()  # taken without a copy
             x.grad = None
             with torch.no_grad():
                 x.mul_(0.75)
@@ -315,14 +317,14 @@ def test_logits_graph_in_a_training_loop_and_cggrloss(monkeypatch):
     x.grad = None
     _cggr_cross_entropy(x, t, 0.5, selection="topk").backward()  # captured: .grad is the graph's
     entry = graphs.entries()[0]
-    assert x.grad.data_ptr() == entry.outputs[6].data_ptr()
+    assert x.grad.data_ptr() == entry.outputs[_GRAD].data_ptr()
     first = x.grad.clone()
     loss = _cggr_cross_entropy(x, t, 0.5, selection="topk")  # .grad holds the first graph: a second one
     spare = graphs.entries()[1]
     assert entry.replays == 1 and spare.replays == 1
     x.grad = None
     loss.backward(retain_graph=True)
-    assert torch.equal(x.grad, first) and x.grad.data_ptr() == spare.outputs[6].data_ptr()
+    assert torch.equal(x.grad, first) and x.grad.data_ptr() == spare.outputs[_GRAD].data_ptr()
     x.grad = None
     for _ in range(2):  # the first graph, free again; the second stays held by the retained graph
         _cggr_cross_entropy(x, t, 0.5, selection="topk")

@@ -176,22 +176,27 @@ def _formed_logits(logits, targets, call: Call, need_stats: bool):
     return stats, reduced, call.backend.logits_grad(logits, targets, stats.lse, reduced.coef, reduced.mask, call.opts)
 
 
-_REDUCED_TENSORS = 6  # Reduced's fields before ``ratio`` and ``full_loss``, which a graph does not return
-
-
 def _graphed_logits(logits, call: Call, need_stats: bool, targets):
-    """:func:`_formed_logits` as the flat tensors a graph returns (see :func:`_from_graph`)."""
+    """:func:`_formed_logits` as the flat tensors a graph returns: loss, coef, mask, gradient and
+    lse, which the call reads, and with ``need_stats`` the rest of the selection and statistics
+    (see :func:`_from_graph`)."""
     stats, reduced, grad = _formed_logits(logits, targets, call, need_stats)
-    columns = () if not need_stats else (stats.block,) if stats.block is not None else tuple(stats)
-    return (*reduced[:_REDUCED_TENSORS], grad, stats.lse, *columns)
+    read = (reduced.loss, reduced.coef, reduced.mask, grad, stats.lse)
+    if not need_stats:
+        return read
+    columns = (stats.block,) if stats.block is not None else tuple(stats)
+    return (*read, reduced.weight, reduced.n_valid, reduced.n_selected, *columns)
 
 
 def _from_graph(outputs, call: Call):
-    """``(stats, reduced, logits gradient, lse)`` from a graph's outputs; ``stats`` is None
-    unless a sink reads it."""
-    grad, lse, *columns = outputs[_REDUCED_TENSORS:]
-    stats = None if not columns else RowStats.from_columns(*columns) if len(columns) == 1 else RowStats(*columns)
-    return stats, Reduced(*outputs[:_REDUCED_TENSORS], call.ratio), grad, lse
+    """``(stats, reduced, logits gradient, lse)`` from a graph's outputs; without the statistics
+    (no sink reads them) ``stats`` is None and ``reduced`` holds only loss, coef and mask."""
+    loss, coef, mask, grad, lse, *rest = outputs
+    if not rest:
+        return None, Reduced(loss, coef, mask, None, None, None, call.ratio), grad, lse
+    weight, n_valid, n_selected, *columns = rest
+    stats = RowStats.from_columns(*columns) if len(columns) == 1 else RowStats(*columns)
+    return stats, Reduced(loss, coef, mask, weight, n_valid, n_selected, call.ratio), grad, lse
 
 
 def cggr_cross_entropy_apply(logits, targets_flat, reference_loss, backend, ratio, opts, seq_shape,

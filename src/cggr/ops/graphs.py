@@ -53,13 +53,12 @@ class _Entry:
     and what tells whether the last replay is done with the outputs: ``busy`` (the head's
     :class:`Release`) or, for a tracked entry, its outputs' storages used beyond ``baseline``."""
 
-    def __init__(self, statics: tuple, tracked: bool) -> None:
+    def __init__(self, statics: tuple) -> None:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.statics = statics
         self.outputs: tuple = ()
         self.replays = 0
         self.busy = False
-        self.tracked = tracked
         self.baseline: tuple = ()  # (tensor, use count when only the entry held it), a storage each
 
     def count_holders(self) -> None:
@@ -207,7 +206,7 @@ def _capture(key, family, inputs, forward, tracked) -> Optional[_Entry]:
     recording fails), evicting the least recently used idle keys beyond ``_MAX_GRAPHS`` graphs."""
     _seen.pop(key, None)
     _captured[family].add(key)
-    entry = _Entry(tuple(t.detach().clone() for t in inputs), tracked)
+    entry = _Entry(tuple(t.detach().clone() for t in inputs))
     try:
         _record(entry, forward)
     except Exception:  # something in the call does not capture: it runs eagerly from now on
